@@ -1,0 +1,232 @@
+"""Image folders as users really have them: find the images, decode each to a fixed-size array.
+
+`scan_folder` walks a folder (one folder per class, or train/ val/ test/ each holding class
+folders) and sorts every file into a candidate image, an ignored file, or a rejected one.
+`decode` turns one file into an H×W×C uint8 array or raises `BadImage` with a reason code.
+Batch prediction uses `decode` too, so images are preprocessed exactly as in training.
+
+Resize policy (`data.resize`): `crop` scales the shorter side to the target and cuts the centre
+(torchvision's classic eval transform: no distortion, loses the borders); `pad` fits the whole
+image inside and pads with white; `stretch` ignores the aspect ratio.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from components.params import UserError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+SPLIT_FOLDERS = {
+    "train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test",
+}
+WHITE = (255, 255, 255)
+
+
+class BadImage(Exception):
+    """A file that cannot become a training image; `reason` is a stable code for quarantine.json."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class Candidate:
+    path: Path  # where to read it
+    label: str  # class folder name
+    split: str | None  # train / val / test when the folder is split, else None
+    folder: str  # the class folder it belongs to, relative to the root
+
+
+@dataclass
+class Scan:
+    root: Path
+    candidates: list[Candidate] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)  # quarantine entries found by walking
+    ignored: int = 0  # hidden files and other extensions
+    class_folders: list[str] = field(default_factory=list)
+
+    def reject(self, path: Path, reason: str, detail: str) -> None:
+        self.rejected.append({"path": self.rel(path), "reason": reason, "detail": detail})
+
+    def rel(self, path: Path) -> str:
+        return os.path.relpath(path, self.root)
+
+
+def scan_folder(root: str | Path) -> Scan:
+    """Every file under `root`, sorted into candidates, rejects and ignored, in a stable order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(
+            f"data.root = {str(root)!r}: folder not found; point data.root at a folder holding "
+            "one folder per class (or train/ val/ test/ folders each holding class folders)"
+        )
+    scan = Scan(root)
+    real_root = os.path.realpath(root)
+    seen: set[str] = {real_root}
+    top = _entries(root, scan)
+    folders = [e for e in top if _is_dir(e)]
+    splits = {e.name.lower(): e for e in folders if e.name.lower() in SPLIT_FOLDERS}
+    if splits:
+        others = sorted(e.name for e in folders if e.name.lower() not in SPLIT_FOLDERS)
+        if others:
+            raise UserError(
+                f"data.root = {str(root)!r} mixes split folders ({', '.join(sorted(splits))}) "
+                f"with other folders ({', '.join(others)}); use either one folder per class, or "
+                "train/ val/ test/ folders each holding class folders"
+            )
+        named = [SPLIT_FOLDERS[n] for n in splits]
+        if len(set(named)) != len(named):
+            raise UserError(f"data.root = {str(root)!r}: two folders name the same split: {named}")
+        for name, entry in sorted(splits.items()):
+            for cls in _entries(Path(entry.path), scan):
+                if _is_dir(cls):
+                    _scan_class(Path(cls.path), SPLIT_FOLDERS[name], scan, real_root, seen)
+                else:
+                    _loose_file(Path(cls.path), scan, real_root)
+    else:
+        for cls in folders:
+            _scan_class(Path(cls.path), None, scan, real_root, seen)
+    for entry in top:
+        if not _is_dir(entry):
+            _loose_file(Path(entry.path), scan, real_root)
+    if not scan.class_folders:
+        raise UserError(
+            f"data.root = {str(root)!r} holds no class folders; put each class's images in a "
+            "folder named after the class"
+        )
+    return scan
+
+
+def _entries(folder: Path, scan: Scan) -> list[os.DirEntry]:
+    """Visible entries in name order; hidden ones are counted as ignored (with what they hold)."""
+    visible = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            scan.ignored += _count_files(Path(entry.path))
+        else:
+            visible.append(entry)
+    return visible
+
+
+def _count_files(path: Path) -> int:
+    if path.is_symlink() or not path.is_dir():
+        return 1
+    return sum(len(files) for _, _, files in os.walk(path))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    return entry.is_dir(follow_symlinks=True)
+
+
+def _link_ok(path: Path, scan: Scan, real_root: str) -> bool:
+    """Links may point anywhere inside the root; outside it they are not the user's data."""
+    if not path.is_symlink():
+        return True
+    target = os.path.realpath(path)
+    if not os.path.exists(target):
+        scan.reject(path, "broken_link", f"points to {os.readlink(path)}, which does not exist")
+        return False
+    if os.path.commonpath([target, real_root]) != real_root:
+        scan.reject(path, "link_outside_root", f"points to {target}, outside data.root")
+        return False
+    return True
+
+
+def _loose_file(path: Path, scan: Scan, real_root: str) -> None:
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        scan.ignored += 1
+    elif _link_ok(path, scan, real_root):
+        scan.reject(path, "outside_class_folder", "an image must sit inside its class's folder")
+
+
+def _scan_class(folder: Path, split: str | None, scan: Scan, real_root: str, seen: set) -> None:
+    if not _link_ok(folder, scan, real_root):
+        return
+    rel_folder = scan.rel(folder)
+    scan.class_folders.append(rel_folder)
+    stack = [folder]
+    while stack:  # nested folders inside a class belong to the class
+        current = stack.pop()
+        for entry in _entries(current, scan):
+            path = Path(entry.path)
+            if not _link_ok(path, scan, real_root):
+                continue
+            if _is_dir(entry):
+                real = os.path.realpath(path)
+                if real not in seen:  # a link loop or a second link to one folder
+                    seen.add(real)
+                    stack.append(path)
+            elif path.suffix.lower() in IMAGE_EXTENSIONS:
+                scan.candidates.append(Candidate(path, folder.name, split, rel_folder))
+            else:
+                scan.ignored += 1
+
+
+def decode(path: str | Path, size: int, channels: int, resize: str, min_side: int) -> np.ndarray:
+    """One file as a size×size×channels uint8 array, or BadImage saying why not."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise BadImage("empty", "zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its pixel limit; a bomb is a bomb.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if min(img.size) < min_side:
+                    w, h = img.size
+                    raise BadImage("too_small", f"{w}x{h} is below data.min_side = {min_side}")
+                if resize != "stretch":
+                    img.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode smaller
+                img = ImageOps.exif_transpose(img)
+                img.load()
+                img = _to_mode(img, channels)
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadImage("decompression_bomb", str(err)) from None
+    except UnidentifiedImageError:
+        raise BadImage("not_an_image", "not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as err:
+        raise BadImage("corrupt", f"{type(err).__name__}: {err}") from None
+    img = _resize(img, size, resize)
+    return np.asarray(img, dtype=np.uint8).reshape(size, size, channels)
+
+
+def _to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Convert to L or RGB the way a person would see the image, not the way bytes truncate."""
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _scale_to_8bit(img)
+    if "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info:
+        rgba = img.convert("RGBA")  # palette and grey transparency too
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba)
+    return img.convert("L" if channels == 1 else "RGB")  # CMYK, YCbCr, P, 1: Pillow's conversions
+
+
+def _scale_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and float images scaled into 0..255; converting them directly would clip."""
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        top = 1.0 if a.max(initial=0) <= 1.0 else 255.0
+    else:  # I;16* and I (which 16-bit PNGs open as)
+        top = 65535.0 if a.max(initial=0) <= 65535 else float(a.max())
+    return Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+
+
+def _resize(img: Image.Image, size: int, policy: str) -> Image.Image:
+    box, method = (size, size), Image.Resampling.BICUBIC
+    if img.size == box:
+        return img
+    if policy == "crop":
+        return ImageOps.fit(img, box, method)
+    if policy == "pad":
+        fill = WHITE if img.mode == "RGB" else 255
+        return ImageOps.pad(img, box, method, color=fill)
+    return img.resize(box, method)

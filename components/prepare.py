@@ -1,0 +1,215 @@
+# status: ready for tests
+"""prepare: a data source in, fixed-size uint8 arrays per split and a manifest out.
+
+Reads `data` settings: the source (digits, a torchvision dataset under data.root, or an image
+folder at data.root), image size, channels and split ratios. Writes under `paths.prepared`
+(format: components/prepared.py) the train/val/test arrays, manifest.json and quarantine.json,
+into a temporary folder that replaces the old one only when complete.
+
+    python -m components.prepare [--params params.yaml] [--set data.source=mnist ...]
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from components.atomic import atomic_dir, write_json
+from components.params import Data, Params, run_step
+from components.prepared import MANIFEST, QUARANTINE, SPLITS, x_path, y_path
+from components.sources import NO_SPLIT, SPLIT_IDS, Pool, load_source
+
+TRAIN, VAL, TEST = (SPLIT_IDS[s] for s in SPLITS)
+DROPPED = -2
+CHUNK = 8192  # rows handled at a time: bounds memory for folders larger than RAM
+
+
+@dataclass
+class PrepareResult:
+    path: str
+    classes: list[str]
+    counts: dict[str, int]
+    files: dict[str, int]
+    duplicates: int
+
+
+def prepare(params: Params) -> PrepareResult:
+    """Prepare `params.data` into `params.paths.prepared`."""
+    cfg = params.data
+    with atomic_dir(params.paths.prepared) as out:
+        pool = load_source(cfg, out)
+        split = assign_splits(pool.y, pool.given, cfg)
+        duplicates = find_duplicates(pool, split, cfg.drop_duplicates)
+        manifest = _manifest(cfg, pool, split, duplicates)
+        manifest |= _write_splits(out, pool, split)
+        (out / "pool.npy").unlink(missing_ok=True)
+        write_json(out / MANIFEST, manifest)
+        write_json(out / QUARANTINE, pool.quarantine)
+    return PrepareResult(
+        path=str(params.paths.prepared),
+        classes=pool.classes,
+        counts=manifest["num"],
+        files=manifest["files"],
+        duplicates=duplicates["count"],
+    )
+
+
+def assign_splits(y: np.ndarray, given: np.ndarray, cfg: Data) -> np.ndarray:
+    """Split id per sample: the source's own splits kept (unless resplit), the rest carved out
+    per class, so every split has each class in proportion. Depends on data.seed alone."""
+    split = np.full_like(given, NO_SPLIT) if cfg.resplit else given.copy()
+    rng = np.random.default_rng(cfg.seed)
+    if not (split == TEST).any():
+        _carve(split, y, split != VAL, TEST, cfg.test_fraction, rng)
+    if not (split == VAL).any():
+        _carve(split, y, (split == NO_SPLIT) | (split == TRAIN), VAL, cfg.val_fraction, rng)
+    split[split == NO_SPLIT] = TRAIN
+    return split
+
+
+def _carve(split, y, eligible, target: int, fraction: float, rng) -> None:
+    # Per class rather than sklearn's StratifiedShuffleSplit: that refuses classes with one
+    # image, which real folders have.
+    for label in np.unique(y):
+        idx = np.flatnonzero(eligible & (y == label))
+        take = int(round(len(idx) * fraction))
+        split[rng.permutation(idx)[:take]] = target
+
+
+def find_duplicates(pool: Pool, split: np.ndarray, drop: bool) -> dict:
+    """Exact duplicate images across splits; with `drop`, removed from the later split."""
+    digest = _row_hashes(pool.x, pool.rows)
+    order = np.lexsort((split, digest))  # by content, then earliest split first
+    starts = np.flatnonzero(np.r_[True, digest[order][1:] != digest[order][:-1]])
+    sizes = np.diff(np.r_[starts, len(order)])
+    examples, count = [], 0
+    for start, size in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
+        first = order[start]
+        for later in order[start + 1 : start + size]:
+            if split[later] == split[first]:
+                continue  # within one split: no leak between train and test
+            if not np.array_equal(pool.x[pool.rows[first]], pool.x[pool.rows[later]]):
+                continue  # a 64-bit hash collision, not a duplicate
+            count += 1
+            where = f"{pool.name(first)} in {SPLITS[split[first]]}"
+            if len(examples) < 20:
+                examples.append({"file": pool.name(later), "split": SPLITS[split[later]],
+                                 "same_as": where})
+            if drop:
+                pool.quarantine.append({"path": pool.name(later), "reason": "duplicate",
+                                        "detail": f"same pixels as {where}"})
+                split[later] = DROPPED
+    return {"count": count, "dropped": count if drop else 0, "examples": examples}
+
+
+def _row_hashes(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """A 64-bit polynomial hash per image, vectorised over rows (hashlib per row is 10× slower)."""
+    width = int(np.prod(x.shape[1:]))
+    pad = -width % 8
+    out = np.empty(len(rows), np.uint64)
+    prime = np.uint64(1099511628211)
+    for i in range(0, len(rows), CHUNK):
+        chunk = np.asarray(x[rows[i : i + CHUNK]]).reshape(-1, width)
+        if pad:
+            chunk = np.pad(chunk, ((0, 0), (0, pad)))
+        words = chunk.view(np.uint64)
+        h = np.zeros(len(words), np.uint64)
+        for j in range(words.shape[1]):
+            h = h * prime + words[:, j]  # wraps modulo 2**64, as intended
+        out[i : i + CHUNK] = h
+    return out
+
+
+def _write_splits(out: Path, pool: Pool, split: np.ndarray) -> dict:
+    """Each split's arrays; their hashes and the train statistics are computed in threads
+    (numpy and hashlib release the GIL) while the next split is copied."""
+    num, counts, hashes = {}, {}, {}
+    with ThreadPoolExecutor(max_workers=2) as hasher:
+        for sid, name in enumerate(SPLITS):
+            members = np.flatnonzero(split == sid)
+            x = _gather(pool.x, pool.rows[members], x_path(out, name))
+            labels = pool.y[members]
+            np.save(y_path(out, name), labels)
+            if name == "train":
+                stats = hasher.submit(_channel_stats, x)
+            del x  # a memory map is closed once its users are done; the kernel writes it back
+            hashes[name] = hasher.submit(_file_hash, x_path(out, name), y_path(out, name))
+            num[name] = int(len(members))
+            per_class = np.bincount(labels, minlength=len(pool.classes))
+            counts[name] = {c: int(n) for c, n in zip(pool.classes, per_class, strict=True)}
+        hashes = {name: future.result() for name, future in hashes.items()}
+        mean, std = stats.result()
+    return {"num": num, "counts": counts, "hashes": hashes,
+            "mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std]}
+
+
+def _gather(images: np.ndarray, rows: np.ndarray, path: Path) -> np.ndarray:
+    """images[rows] saved at `path`; from a memory map, streamed in chunks so memory stays flat."""
+    if not isinstance(images, np.memmap):
+        out = images[rows]
+        np.save(path, out)
+        return out
+    if len(rows) == 0:  # a zero-length file cannot be memory-mapped
+        np.save(path, np.empty((0, *images.shape[1:]), np.uint8))
+        return np.load(path)
+    shape = (len(rows), *images.shape[1:])
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    for i in range(0, len(rows), CHUNK):
+        out[i : i + CHUNK] = images[rows[i : i + CHUNK]]
+    return out
+
+
+def _channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std on the 0-1 scale, in chunks (float32 sums by BLAS, fast)."""
+    channels = x.shape[-1]
+    sums = np.zeros((2, channels))
+    for i in range(0, len(x), CHUNK):
+        flat = np.asarray(x[i : i + CHUNK]).reshape(-1, channels).astype(np.float32)
+        ones = np.ones(len(flat), np.float32)
+        sums[0] += ones @ flat
+        flat *= flat
+        sums[1] += ones @ flat
+    n = max(1, x.size // channels)
+    mean = sums[0] / n / 255
+    return mean, np.sqrt(np.maximum(sums[1] / n / 255**2 - mean**2, 0.0))
+
+
+def _file_hash(*paths: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+def _manifest(cfg: Data, pool: Pool, split: np.ndarray, duplicates: dict) -> dict:
+    h, w, c = pool.x.shape[1:]
+    quarantined = len(pool.quarantine)
+    return {
+        "source": cfg.source,
+        "root": str(cfg.root) if cfg.source != "digits" else None,
+        "seed": cfg.seed,
+        "image_size": [int(h), int(w)],
+        "channels": int(c),
+        "resize": cfg.resize,
+        "classes": [{"index": i, "name": name} for i, name in enumerate(pool.classes)],
+        "files": {
+            "found": pool.found,
+            "prepared": int((split >= 0).sum()),
+            "quarantined": quarantined,
+            "ignored": pool.ignored,
+        },
+        "duplicates_across_splits": duplicates,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_step(prepare, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The prepared-data format, read and written in one place.
+
+Under `paths.prepared`:
+- `{split}_x.npy`: uint8, N×H×W×C, for split in train, val, test (memory-mappable; N may be 0);
+- `{split}_y.npy`: int64 class indices, N;
+- `manifest.json`: classes (with indices), image_size [H, W], channels, per-channel mean and std
+  of train (0–1 scale), counts per class per split, a content hash per split, source, seed, and
+  the file accounting of an image folder;
+- `quarantine.json`: every rejected file with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.params import UserError
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+QUARANTINE = "quarantine.json"
+
+
+def x_path(root: Path, split: str) -> Path:
+    return Path(root) / f"{split}_x.npy"
+
+
+def y_path(root: Path, split: str) -> Path:
+    return Path(root) / f"{split}_y.npy"
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{path}: no prepared data here; run the prepare step first")
+    return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class Split:
+    x: np.ndarray  # uint8 N×H×W×C (a read-only memory map unless loaded)
+    y: np.ndarray  # int64 N
+
+
+def load_split(root: str | Path, split: str, mmap: bool = True) -> Split:
+    """One split's images and labels; memory-mapped by default so nothing is read until used."""
+    mode = "r" if mmap else None
+    return Split(np.load(x_path(root, split), mmap_mode=mode), np.load(y_path(root, split)))
+
+
+def class_names(manifest: dict[str, Any]) -> list[str]:
+    return [c["name"] for c in sorted(manifest["classes"], key=lambda c: c["index"])]
