@@ -1,0 +1,96 @@
+"""Real servers for tests: a Prefect server and an MLflow tracking server on loopback, free ports.
+
+Each is a context manager that starts the server from this environment's own executables, waits
+until it answers, yields its address, and stops it (and its children) afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(url: str) -> str | None:
+    """The body at `url` if it answers 200, else None."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.read().decode() if reply.status == 200 else None
+    except OSError:
+        return None
+
+
+@contextmanager
+def _server(cmd: list[str], health: str, log: Path, env: dict, timeout: float) -> Iterator[None]:
+    with open(log, "w") as out:
+        # A process group of its own, so the server's workers are stopped with it.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while answers(health) is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd[0]} did not start; its log:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextmanager
+def prefect_server(home: Path, timeout: float = 180) -> Iterator[str]:
+    """A Prefect server with its own SQLite database under `home`; yields its API address."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    api = f"http://127.0.0.1:{port}/api"
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with _server(cmd, f"{api}/health", home / "server.log", env, timeout):
+        yield api
+
+
+@contextmanager
+def mlflow_server(root: Path, port: int | None = None, timeout: float = 120) -> Iterator[str]:
+    """An MLflow tracking server (SQLite backend, proxied artifacts) under `root`; yields its URI."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cmd = [
+        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts", "--workers", "1",
+    ]
+    with _server(cmd, f"{uri}/health", root / "server.log", dict(os.environ), timeout):
+        yield uri

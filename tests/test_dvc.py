@@ -1,0 +1,88 @@
+"""The DVC pipeline for real: a temporary git repo holding the project's files, `dvc repro` runs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", "data/raw/.gitkeep"]
+
+pytestmark = pytest.mark.slow
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A git repo with the project's code and settings, as a user's clone would have them."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "components", repo / "components",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in PROJECT_FILES:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, repo / name)
+    run(["git", "init", "-q"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "."], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"], repo)
+    return repo
+
+
+def set_param(repo: Path, section: str, key: str, value) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params[section][key] = value
+    path.write_text(yaml.safe_dump(params))
+
+
+def test_prepare_stage_runs_once_then_again_when_data_settings_change(repo):
+    out = run(["dvc", "repro", "prepare"], repo)
+    assert "Running stage 'prepare'" in out
+    manifest = repo / "data/prepared/manifest.json"
+    first = json.loads(manifest.read_text())
+    assert first["source"] == "digits" and sum(first["num"].values()) == 1797
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert lock["stages"]["prepare"]["params"]["params.yaml"]["data"]["seed"] == 0
+
+    stamp = manifest.stat().st_mtime_ns
+    out = run(["dvc", "repro", "prepare"], repo)
+    assert "Running stage" not in out
+    assert manifest.stat().st_mtime_ns == stamp  # nothing was written
+    assert json.loads(run(["dvc", "status", "--json"], repo)) == {}
+
+    set_param(repo, "data", "seed", 1)
+    out = run(["dvc", "repro", "prepare"], repo)
+    assert "Running stage 'prepare'" in out
+    second = json.loads(manifest.read_text())
+    assert second["seed"] == 1 and second["hashes"]["train"] != first["hashes"]["train"]
+
+
+def test_prepare_stage_reruns_when_the_image_folder_changes(repo):
+    from PIL import Image
+
+    folder = repo / "data/raw/shapes"
+    for cls, colour in [("red", (200, 0, 0)), ("blue", (0, 0, 200))]:
+        (folder / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (20 + i, 20), colour).save(folder / cls / f"{i}.png")
+    set_param(repo, "data", "source", "imagefolder")
+    set_param(repo, "data", "root", "data/raw/shapes")
+    set_param(repo, "data", "image_size", 16)
+    assert "Running stage 'prepare'" in run(["dvc", "repro", "prepare"], repo)
+    assert "Running stage" not in run(["dvc", "repro", "prepare"], repo)
+
+    Image.new("RGB", (30, 30), (0, 0, 250)).save(folder / "blue" / "new.png")
+    assert "Running stage 'prepare'" in run(["dvc", "repro", "prepare"], repo)
+    manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
+    assert manifest["files"]["prepared"] == 11
