@@ -105,6 +105,18 @@ def scan_folder(root: str | Path) -> Scan:
     return scan
 
 
+def list_images(root: str | Path) -> Scan:
+    """Every image file under `root` at any depth, no class folders needed (batch prediction),
+    with scan_folder's rules: hidden files ignored, links leaving the root rejected."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{str(root)!r}: folder not found; give the folder of images to score")
+    scan = Scan(root)
+    real_root = os.path.realpath(root)
+    _scan_class(root, None, scan, real_root, {real_root})
+    return scan
+
+
 def _entries(folder: Path, scan: Scan) -> list[os.DirEntry]:
     """Visible entries in name order; hidden ones are counted as ignored (with what they hold)."""
     visible = []

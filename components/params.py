@@ -46,6 +46,7 @@ class Paths(Section):
     train: Path = Path("outputs/train")
     evaluate: Path = Path("outputs/evaluate")
     register: Path = Path("outputs/register")
+    predictions: Path = Path("outputs/predictions")
 
 
 Source = Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder"]
@@ -96,7 +97,7 @@ class Augment(Section):
     erasing: float = Field(0.0, ge=0.0, le=1.0)
     mixup_alpha: float = Field(0.0, ge=0.0, le=10.0)
     cutmix_alpha: float = Field(0.0, ge=0.0, le=10.0)
-    preview_images: int = Field(8, ge=1, le=64)
+    preview_images: int = Field(10, ge=1, le=64)
     preview_views: int = Field(6, ge=1, le=16)
 
     @model_validator(mode="after")
@@ -114,6 +115,15 @@ class Model(Section):
     name: str = Field("simple_cnn", min_length=1)
     pretrained: bool = False
     checkpoint: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _check_model(self) -> Model:
+        if self.pretrained and self.checkpoint:
+            raise ValueError(
+                "pretrained and checkpoint are both set: the weights would come from two places; "
+                "set model.pretrained: false to start from the checkpoint"
+            )
+        return self
 
 
 class Train(Section):
@@ -150,12 +160,25 @@ class Train(Section):
 
 
 class Evaluate(Section):
-    mistakes: int = Field(16, ge=0, le=256)
+    """Scoring the test split; components/evaluate.py says more. Batch prediction
+    (components/predict.py) scores with the same batch_size, device and tta_flip."""
+
+    mistakes: int = Field(16, ge=0, le=64)
+    calibration_bins: int = Field(15, ge=2, le=100)
+    tta_flip: bool = False
+    batch_size: int = Field(512, ge=1, le=65_536)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class Register(Section):
+    """The registry gate and the MLflow run; components/register.py and tracking.py say more."""
+
     model_name: str = Field("digits-classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    primary_metric: Literal["accuracy", "balanced_accuracy", "f1_macro"] = "accuracy"
     min_improvement: float = Field(0.0, ge=0.0, le=1.0)
+    max_class_drop: float = Field(0.05, ge=0.0, le=1.0)
+    experiment: str | None = Field(None, min_length=1, max_length=500)
+    flush_timeout_s: float = Field(60.0, ge=0.0, le=3600.0)
 
 
 class Params(Section):
@@ -172,14 +195,14 @@ def _describe(error: dict[str, Any], raw: dict[str, Any]) -> str:
     """One line per problem: where, what was given, what is allowed."""
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc) or "(top level)"
+    given = json.dumps(error.get("input"), default=str)
     if error["type"] == "extra_forbidden":
         section = _lookup_model(loc[:-1])
         allowed = ", ".join(section.model_fields) if section else ""
-        return f"{key}: unknown key; allowed here: {allowed}"
+        return f"{key} = {given}: unknown key; allowed here: {allowed}"
     if error["type"] == "value_error" and len(loc) <= 1:
         # A cross-field check: its message already names the keys.
         return f"{key}: {error['msg'].removeprefix('Value error, ')}"
-    given = json.dumps(error.get("input"), default=str)
     return f"{key} = {given}: {error['msg']}"
 
 
@@ -225,7 +248,8 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] = ()) ->
             if not isinstance(node, dict):
                 raise ParamsError(f"--set {text!r}: {part} is not a section")
         node[keys[-1]] = value
-    return validate(raw, source=str(path))
+    source = str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
+    return validate(raw, source=source)
 
 
 def validate(raw: dict[str, Any], source: str = "params") -> Params:

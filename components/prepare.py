@@ -74,10 +74,16 @@ def assign_splits(y: np.ndarray, given: np.ndarray, cfg: Data) -> np.ndarray:
 def _carve(split, y, eligible, target: int, fraction: float, rng) -> None:
     # Per class rather than sklearn's StratifiedShuffleSplit: that refuses classes with one
     # image, which real folders have.
-    for label in np.unique(y):
-        idx = np.flatnonzero(eligible & (y == label))
-        take = int(round(len(idx) * fraction))
-        split[rng.permutation(idx)[:take]] = target
+    members = [np.flatnonzero(eligible & (y == label)) for label in np.unique(y)]
+    quota = np.array([len(idx) * fraction for idx in members])
+    take = np.floor(quota).astype(int)
+    # The largest remainders get the rest, so the split holds its share even when every class
+    # is small (rounding each class alone left val empty); a class always keeps one image.
+    room = np.flatnonzero(take + 1 < np.array([len(idx) for idx in members]))
+    short = max(int(round(quota.sum())) - int(take.sum()), 0)
+    take[room[np.argsort(take[room] - quota[room], kind="stable")[:short]]] += 1
+    for idx, k in zip(members, take, strict=True):
+        split[rng.permutation(idx)[:k]] = target
 
 
 def find_duplicates(pool: Pool, split: np.ndarray, drop: bool) -> dict:

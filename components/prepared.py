@@ -4,8 +4,9 @@ Under `paths.prepared`:
 - `{split}_x.npy`: uint8, N×H×W×C, for split in train, val, test (memory-mappable; N may be 0);
 - `{split}_y.npy`: int64 class indices, N;
 - `manifest.json`: classes (with indices), image_size [H, W], channels, per-channel mean and std
-  of train (0–1 scale), counts per class per split, a content hash per split, source, seed, and
-  the file accounting of an image folder;
+  of train (0–1 scale), counts per class per split, a content hash per split (sha256 over the
+  sha256 digests of its x and y .npy files), source, seed, and the file accounting of an image
+  folder, and the exact duplicates found across splits;
 - `quarantine.json`: every rejected file with its reason.
 """
 
