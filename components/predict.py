@@ -1,0 +1,187 @@
+"""predict: score a folder of images with a trained model (batch prediction).
+
+Reads every image under a folder, at any depth and of any size and mode, and a model: a local
+model.pt (or the folder holding it) or an MLflow URI, by default `models:/<register.model_name>
+@champion`. Each image is decoded exactly as prepare decoded the training images
+(`components.images.decode` with the model's size and channels, the resize policy and
+`data.min_side`) and normalised exactly as in training (`checkpoint.prepare_input`). Scoring uses
+the evaluate section's batch_size, device and tta_flip, so a test image scores here as it did in
+evaluate. Writes under `paths.predictions`, into a temporary folder that replaces the old one only
+when complete:
+- `predictions.csv`: path (relative to the folder), class, confidence, then the top-k classes and
+  their probabilities (top1_class, top1_prob, top2_class, ...);
+- `quarantine.json`: every file that could not be scored, with the reason (as prepare's).
+
+    python -m components.predict --folder inbox/ [--model models:/digits-classifier@champion]
+        [--top-k 5] [--params params.yaml] [--set evaluate.device=cpu ...]
+
+`score` is the inference evaluate shares: log-probabilities of uint8 images, batched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from components.atomic import atomic_dir, write_json
+from components.checkpoint import load_model, prepare_input, resolve_model_uri
+from components.images import BadImage, decode, list_images
+from components.params import DEFAULT_PARAMS, Params, UserError, load_params
+from components.prepared import read_manifest
+
+PREDICTIONS = "predictions.csv"
+QUARANTINE = "quarantine.json"
+CHUNK = 1024  # images decoded at a time: memory stays flat however large the folder
+
+
+@dataclass
+class PredictResult:
+    predictions: str  # predictions.csv
+    quarantine: str  # quarantine.json
+    model: str  # the model file scored with (downloaded, for an MLflow URI)
+    scored: int
+    quarantined: int
+    ignored: int  # hidden files and files of other extensions
+
+
+def predict(params: Params, folder: str | Path | None = None, model_uri: str | None = None,
+            top_k: int = 5) -> PredictResult:
+    """Score every image under `folder` with `model_uri` into `params.paths.predictions`."""
+    if folder is None:
+        raise UserError("no folder to score: pass --folder PATH (a folder of images, any depth)")
+    if top_k < 1:
+        raise UserError(f"top_k = {top_k}: must be at least 1")
+    uri = model_uri or f"models:/{params.register.model_name}@champion"
+    path = resolve_model_uri(uri)
+    device = pick_device(params.evaluate.device)
+    model, meta = load_model(path, device)
+    size, channels = _input_shape(meta, path)
+    settings = {"size": size, "channels": channels, "resize": _resize_policy(meta, params),
+                "min_side": params.data.min_side}
+    scan = list_images(folder)
+    quarantine = list(scan.rejected)
+    classes = meta["classes"]
+    k = min(top_k, len(classes))
+    scored = 0
+    with atomic_dir(params.paths.predictions) as out:
+        with open(out / PREDICTIONS, "w", newline="") as f, ThreadPoolExecutor() as pool:
+            writer = csv.writer(f)
+            writer.writerow(["path", "class", "confidence"]
+                            + [f"top{i}_{w}" for i in range(1, k + 1) for w in ("class", "prob")])
+            for start in range(0, len(scan.candidates), CHUNK):
+                names, images = [], []
+                chunk = scan.candidates[start:start + CHUNK]
+                # Pillow releases the GIL while it decodes and resizes: threads suffice.
+                for cand, (image, bad) in zip(chunk, pool.map(lambda c: _decode(c.path, settings),
+                                                                chunk), strict=True):
+                    if bad is None:
+                        names.append(scan.rel(cand.path))
+                        images.append(image)
+                    else:
+                        quarantine.append({"path": scan.rel(cand.path), **bad})
+                if not images:
+                    continue
+                probs = np.exp(score(model, meta, np.stack(images), device,
+                                     params.evaluate.batch_size, params.evaluate.tta_flip))
+                _write_rows(writer, names, probs, classes, k)
+                scored += len(images)
+        write_json(out / QUARANTINE, quarantine)
+    final = Path(params.paths.predictions)
+    return PredictResult(str(final / PREDICTIONS), str(final / QUARANTINE), str(path), scored,
+                         len(quarantine), scan.ignored)
+
+
+@torch.inference_mode()
+def score(model: torch.nn.Module, meta: dict, images: np.ndarray, device: torch.device,
+          batch_size: int = 512, tta_flip: bool = False) -> np.ndarray:
+    """Log-probabilities (N×classes, float32) of uint8 N×H×W×C images (an array or memory map).
+
+    With `tta_flip`, the softmax of each image and of its mirror image are averaged.
+    """
+    out = [np.empty((0, len(meta["classes"])), np.float32)]
+    for i in range(0, len(images), batch_size):
+        # A copy: a read-only memory map would make torch warn, and batches are small.
+        x = prepare_input(np.array(images[i:i + batch_size]), meta, device)
+        logp = torch.log_softmax(model(x).float(), dim=1)
+        if tta_flip:
+            mirrored = torch.log_softmax(model(x.flip(-1)).float(), dim=1)
+            logp = torch.logaddexp(logp, mirrored) - math.log(2.0)  # log of the mean softmax
+        out.append(logp.cpu().numpy())
+    return np.concatenate(out)
+
+
+def pick_device(name: str) -> torch.device:
+    """evaluate.device: auto picks cuda when there is one."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("evaluate.device = cuda but torch sees no CUDA device; use auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _input_shape(meta: dict, path: Path) -> tuple[int, int]:
+    h, w = meta["image_size"]
+    if h != w:
+        # decode makes square images, as prepare does; a non-square model came from elsewhere.
+        raise UserError(f"model {path} expects {h}x{w} images; predict scores square images only")
+    return int(h), int(meta["channels"])
+
+
+def _resize_policy(meta: dict, params: Params) -> str:
+    """How prepare resized the training images: the model file's record, else the prepared data's
+    manifest, else data.resize (which wrote that manifest)."""
+    if meta.get("resize"):
+        return meta["resize"]
+    try:
+        return read_manifest(params.paths.prepared)["resize"]
+    except (UserError, KeyError):
+        return params.data.resize
+
+
+def _decode(path: Path, settings: dict) -> tuple[np.ndarray | None, dict | None]:
+    try:
+        return decode(path, **settings), None
+    except BadImage as bad:
+        return None, {"reason": bad.reason, "detail": bad.detail}
+    except OSError as err:  # vanished or unreadable between the scan and now
+        return None, {"reason": "unreadable", "detail": f"{type(err).__name__}: {err}"}
+
+
+def _write_rows(writer, names: list[str], probs: np.ndarray, classes: list[str], k: int) -> None:
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    for name, p, idx in zip(names, probs, top, strict=True):
+        ranked = [v for j in idx for v in (classes[j], f"{p[j]:.8g}")]
+        writer.writerow([name, classes[idx[0]], f"{p[idx[0]]:.8g}", *ranked])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m components.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folder", required=True, help="folder of images to score (any depth)")
+    parser.add_argument("--model", default=None,
+                        help="model.pt path or MLflow URI (default models:/<register.model_name>"
+                             "@champion)")
+    parser.add_argument("--top-k", type=int, default=5, help="classes listed per image")
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="settings file (params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting; repeatable; validated like the file")
+    args = parser.parse_args(argv)
+    try:
+        result = predict(load_params(args.params, args.set), args.folder, args.model, args.top_k)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(asdict(result), indent=2))
+
+
+if __name__ == "__main__":
+    main()
