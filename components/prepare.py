@@ -170,18 +170,20 @@ def _gather(images: np.ndarray, rows: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std on the 0-1 scale, in chunks (float32 sums by BLAS, fast)."""
-    channels = x.shape[-1]
-    sums = np.zeros((2, channels))
-    for i in range(0, len(x), CHUNK):
-        flat = np.asarray(x[i : i + CHUNK]).reshape(-1, channels).astype(np.float32)
-        ones = np.ones(len(flat), np.float32)
-        sums[0] += ones @ flat
-        flat *= flat
-        sums[1] += ones @ flat
+    """Per-channel mean and std on the 0-1 scale, exact: integer sums of pixels and their
+    squares, per pixel position first (long contiguous adds), in cache-sized chunks."""
+    channels, width = x.shape[-1], int(np.prod(x.shape[1:]))
+    sums = np.zeros((2, width), np.uint64)
+    for i in range(0, len(x), 256):
+        pixels = np.asarray(x[i : i + 256]).reshape(-1, width)
+        sums[0] += pixels.sum(0, dtype=np.uint64)
+        squares = pixels.astype(np.uint16)
+        squares *= squares  # 255² fits in 16 bits
+        sums[1] += squares.sum(0, dtype=np.uint64)
     n = max(1, x.size // channels)
-    mean = sums[0] / n / 255
-    return mean, np.sqrt(np.maximum(sums[1] / n / 255**2 - mean**2, 0.0))
+    total = sums.reshape(2, -1, channels).sum(1).astype(np.float64)
+    mean = total[0] / n / 255
+    return mean, np.sqrt(np.maximum(total[1] / n / 255**2 - mean**2, 0.0))
 
 
 def _file_hash(*paths: Path) -> str:
