@@ -127,8 +127,8 @@ class Model(Section):
 
 
 class Train(Section):
-    epochs: int = Field(10, ge=1, le=10_000)
-    batch_size: int = Field(128, ge=1, le=65_536)
+    epochs: int = Field(30, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1, le=65_536)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(3e-3, gt=0.0, le=1e6)
     weight_decay: float = Field(0.05, ge=0.0, le=1.0)
@@ -141,7 +141,7 @@ class Train(Section):
     compile: bool = False
     ema: float = Field(0.0, ge=0.0, lt=1.0)
     early_stopping_patience: int = Field(0, ge=0, le=10_000)
-    early_stopping_metric: Literal["val_acc", "val_loss"] = "val_acc"
+    early_stopping_metric: Literal["val_acc", "val_loss"] = "val_loss"
     freeze_epochs: int = Field(0, ge=0, le=10_000)
     devices: int = Field(1, ge=1, le=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -86,3 +86,26 @@ def test_prepare_stage_reruns_when_the_image_folder_changes(repo):
     assert "Running stage 'prepare'" in run(["dvc", "repro", "prepare"], repo)
     manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
     assert manifest["files"]["prepared"] == 11
+
+
+def test_whole_pipeline_runs_once_and_an_experiment_reruns_only_what_changed(repo):
+    set_param(repo, "train", "epochs", 1)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "one epoch"], repo)
+    out = run(["dvc", "repro"], repo)
+    for stage in ("prepare", "augment", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in out
+    metrics = json.loads((repo / "outputs/evaluate/metrics.json").read_text())
+    assert 0.0 < metrics["accuracy"] <= 1.0
+    decision = json.loads((repo / "outputs/register/decision.json").read_text())
+    assert decision["version"]
+
+    assert "Running stage" not in run(["dvc", "repro"], repo)
+
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "dvc.lock"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], repo)
+    out = run(["dvc", "exp", "run", "--set-param", "train.lr=0.001"], repo)
+    ran = {s for s in ("prepare", "augment", "train", "evaluate", "register")
+           if f"Running stage '{s}'" in out}
+    assert ran == {"train", "evaluate", "register"}
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo))
+    assert shown  # the experiment is listed with its params and metrics

@@ -1,0 +1,573 @@
+"""train: prepared images and an augmentation policy in; a trained model, its history and
+checkpoints out.
+
+Reads `paths.prepared` (arrays and manifest.json: channels, classes, size, mean/std),
+`paths.augment`/policy.json and the `model` and `train` settings. Writes under `paths.train`:
+- model.pt (+ .sha256): the best validated weights (the EMA's when train.ema > 0) with all that is
+  needed to use them without params.yaml; `components.checkpoint.load_model` rebuilds it;
+- history.json: one row per epoch (train/val loss and accuracy, lr, images/s, seconds);
+- checkpoints/last.pt (every epoch: everything to continue exactly) and best.pt (weights of the
+  best epoch by train.early_stopping_metric), each with a .sha256.
+
+    python -m components.train [--params params.yaml] [--set train.epochs=5 ...]
+
+Resume (train.resume: auto) continues from last.pt when it was made with the same model and train
+settings, policy, data and code, and ends exactly where an uninterrupted run would (on CPU).
+When any of those changed, the run starts fresh and says what changed: `dvc exp run
+--set-param train.lr=...` must train a new model, not refuse. `never` always starts fresh.
+
+Where the time goes: `_train_epoch` and `_step` are the hot loop. Per step: an index slice of the
+device-resident uint8 data (or a read from the memory map), one fused cast+scale+normalise (or
+cast, augment, normalise), forward, backward, optional clipping, a fused optimizer step, optional
+EMA, and a few tiny on-device accumulations. The host waits for the device only every LOG_EVERY
+steps and at the end of an epoch. A non-finite loss skips its step without a host sync: the fused
+optimizers take a `found_inf` flag (as torch.amp.GradScaler uses them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.utils import ModelEmaV3
+from tqdm import tqdm
+
+from components import checkpoint as ckpt
+from components import models, transforms
+from components.atomic import write_json
+from components.params import Params, UserError, run_step
+from components.prepared import Split, class_names, load_split, read_manifest
+
+LOG_EVERY = 25  # steps between progress updates and non-finite checks (each one a host sync)
+MIN_BATCH = 2  # halving on out-of-memory stops here: batch norm needs two samples
+# Settings that change where or how fast a run computes, not what: resuming with other values of
+# these is still the same run.
+SAME_RUN_KEYS = {"resume", "device", "devices", "compile", "device_data_mb", "max_bad_steps",
+                 "early_stopping_patience"}
+AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(UserError):
+    """The loss stayed NaN or infinite for train.max_bad_steps steps in a row."""
+
+
+class Callback(Protocol):
+    """Tracking plugs in here (e.g. MLflow); train runs without any."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, result: TrainResult) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    model_path: str
+    history_path: str
+    checkpoint_dir: str
+    epochs: int  # completed, including those of a run resumed from
+    best_epoch: int
+    metric: str  # train.early_stopping_metric: what "best" means
+    best_value: float | None  # None without a validation split
+    resumed_from: int  # epochs already done when this call started; 0: fresh
+    stopped_early: bool
+    batch_size: int  # after any out-of-memory halving
+    device: str
+    precision: str
+    train_seconds: float  # training time of the epochs run by this call
+    images_per_s: float
+
+
+@dataclass
+class Progress:
+    """What the loop counts; saved in last.pt so a resumed run continues the same sequence."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken (the EMA's warmup counts them)
+    batch_size: int = 0
+    best_epoch: int = 0
+    best_value: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Loop:
+    """Everything the hot loop touches, built once."""
+
+    cfg: Any
+    device: torch.device
+    amp: torch.dtype | None
+    fmt: torch.memory_format
+    model: torch.nn.Module
+    forward: Any  # the model, or its torch.compile wrapper
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    ema: ModelEmaV3 | None
+    augment: Any  # None when the policy changes nothing
+    scale: torch.Tensor  # uint8 pixels -> normalised
+    shift: torch.Tensor
+    head: list[torch.nn.Parameter]
+    train_data: Images
+    val_data: Images
+    bad_run: torch.Tensor = None  # consecutive non-finite steps, counted on the device
+    worst_run: torch.Tensor = None
+
+    def autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+
+class Images:
+    """One split as uint8 N×C×H×W batches and int64 labels on the training device.
+
+    Resident (it fits train.device_data_mb): copied to the device once, batches are index slices.
+    Otherwise each batch is read from the memory map, rows in ascending order so reads go
+    forward, and copied over (pinned, asynchronously, on a GPU).
+    """
+
+    def __init__(self, split: Split, device: torch.device, fmt, resident: bool):
+        self.n, self.device, self.fmt, self.resident = len(split.y), device, fmt, resident
+        self.y = torch.from_numpy(np.asarray(split.y)).to(device)
+        if resident:
+            # N×H×W×C permuted to N×C×H×W is already channels_last in memory.
+            x = torch.from_numpy(np.array(split.x)).to(device).permute(0, 3, 1, 2)
+            self.x = x.contiguous(memory_format=fmt)
+        else:
+            self.x = split.x
+        self.index_device = device if resident else torch.device("cpu")
+
+    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.resident:
+            return self.x[idx], self.y[idx]
+        idx = idx.sort().values
+        return self._upload(self.x[idx.numpy()]), self.y[idx.to(self.device)]
+
+    def span(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.resident:
+            return self.x[start:stop], self.y[start:stop]
+        return self._upload(self.x[start:stop]), self.y[start:stop]
+
+    def _upload(self, rows: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.array(rows))  # a copy: memory-map slices are read-only
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        return x.contiguous(memory_format=self.fmt)
+
+
+def train(params: Params, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Train `params.model` on `params.paths.prepared` with `params.train`; see the module doc."""
+    cfg = params.train
+    device, precision = _runtime(cfg)
+    out = Path(params.paths.train)
+    ckdir = out / "checkpoints"
+    manifest = read_manifest(params.paths.prepared)
+    policy = transforms.load_policy(Path(params.paths.augment) / transforms.POLICY_FILE)
+    fingerprint = _fingerprint(params, manifest, policy)
+    with _deterministic(device):
+        _seed(cfg.seed)
+        loop, spec = _build(params, manifest, policy, device, precision)
+        prog = Progress(batch_size=cfg.batch_size)
+        saved = _resume_state(cfg, ckdir, fingerprint)
+        if saved:
+            prog = _restore(loop, saved)
+            _say(f"resuming from {ckdir / 'last.pt'} after epoch {prog.epoch}")
+        resumed_from, seconds, images = prog.epoch, 0.0, 0
+        stopped = _patience_spent(cfg, prog)
+        while prog.epoch < cfg.epochs and not stopped:
+            row = _run_epoch(loop, prog, ckdir)
+            seconds, images = seconds + row["train_s"], images + loop.train_data.n
+            _end_epoch(loop, prog, row, ckdir, fingerprint, out / "history.json")
+            for cb in callbacks:
+                cb.on_epoch_end(prog.epoch, prog.history[-1])
+            stopped = _patience_spent(cfg, prog)
+        best = ckpt.load(ckdir / "best.pt")
+        model_path = ckpt.save(out / "model.pt", ckpt.model_file(
+            spec, manifest, best["state_dict"], epoch=best["epoch"], metrics=best["metrics"],
+            ema=loop.ema is not None))
+    result = TrainResult(
+        model_path=str(model_path), history_path=str(out / "history.json"),
+        checkpoint_dir=str(ckdir), epochs=prog.epoch, best_epoch=prog.best_epoch,
+        metric=cfg.early_stopping_metric, best_value=prog.best_value, resumed_from=resumed_from,
+        stopped_early=prog.epoch < cfg.epochs, batch_size=prog.batch_size, device=str(device),
+        precision=precision, train_seconds=round(seconds, 3),
+        images_per_s=round(images / seconds, 1) if seconds else 0.0,
+    )
+    for cb in callbacks:
+        if hasattr(cb, "on_train_end"):
+            cb.on_train_end(result)
+    return result
+
+
+def _runtime(cfg) -> tuple[torch.device, str]:
+    if cfg.devices > 1:
+        raise UserError(
+            f"train.devices = {cfg.devices}: training on several devices (DDP through torchrun) "
+            "is not available yet; set train.devices=1"
+        )
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise UserError("train.device = cuda but no CUDA GPU is visible; set train.device=auto")
+    device = torch.device("cuda" if cuda and cfg.device != "cpu" else "cpu")
+    precision = cfg.precision
+    if precision == "auto":
+        # GPUs: bf16 where supported, else fp16 with a grad scaler. CPUs: fp32, because bf16
+        # autocast pays off only for large convolutions on CPUs with native bf16 (set it then).
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("train.precision = fp16 needs a CUDA GPU; use bf16 or fp32 on a CPU")
+    return device, precision
+
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device):
+    """Deterministic kernels on CPU (where they cost nothing); cuDNN autotuning on GPUs."""
+    before = torch.are_deterministic_algorithms_enabled()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _build(params: Params, manifest, policy, device, precision) -> tuple[Loop, dict]:
+    cfg = params.train
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model, spec = _create_model(params.model, manifest)
+    model.to(device=device, memory_format=fmt)
+    augment = transforms.make_batch_augment(policy, len(manifest["classes"]))
+    train_split, val_split = (load_split(params.paths.prepared, s) for s in ("train", "val"))
+    if len(train_split.y) == 0:
+        raise UserError(f"{params.paths.prepared}: the train split is empty; prepare more data")
+    resident = train_split.x.nbytes + val_split.x.nbytes <= cfg.device_data_mb * 2**20
+    scale, shift = ckpt.scale_shift(manifest["mean"], manifest["std"], device)
+    loop = Loop(
+        cfg=cfg, device=device, amp=AMP[precision], fmt=fmt, model=model,
+        forward=_compiled(model) if cfg.compile else model,
+        opt=_optimizer(model, cfg),
+        scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
+        ema=ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema else None,
+        # transforms hands back its identity function when the policy changes nothing: then
+        # the step scales and normalises uint8 pixels in one kernel.
+        augment=None if augment is transforms._identity else augment,
+        scale=scale, shift=shift,
+        head=models.head_parameters(model) if cfg.freeze_epochs else [],
+        train_data=Images(train_split, device, fmt, resident),
+        val_data=Images(val_split, device, fmt, resident),
+        bad_run=torch.zeros((), dtype=torch.int64, device=device),
+        worst_run=torch.zeros((), dtype=torch.int64, device=device),
+    )
+    if cfg.freeze_epochs and not loop.head:
+        raise UserError(f"model {params.model.name} has no classifier head to train alone; "
+                        "set train.freeze_epochs=0")
+    if not resident:
+        _say(f"train+val images exceed train.device_data_mb = {cfg.device_data_mb}: streaming "
+             "them from the memory-mapped arrays")
+    return loop, spec
+
+
+def _compiled(model: torch.nn.Module):
+    # Where compiling fails (no C++ compiler, an unsupported op), dynamo falls back to eager
+    # with a warning instead of stopping the run: compile is only ever a speed-up here.
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(model)
+
+
+def _create_model(mcfg, manifest) -> tuple[torch.nn.Module, dict]:
+    """The model for this data: new, pretrained, or from a model file (new head if need be)."""
+    h, w = manifest["image_size"]
+    kwargs = {"num_classes": len(manifest["classes"]), "in_chans": manifest["channels"],
+              "img_size": h if h == w else (h, w)}
+    if mcfg.checkpoint:
+        model = ckpt.init_from(mcfg.checkpoint, mcfg.name, kwargs, class_names(manifest))
+    else:
+        model = models.create_model(mcfg.name, pretrained=mcfg.pretrained, **kwargs)
+    return model, {"name": mcfg.name, "kwargs": kwargs}
+
+
+def _optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm weights (the 1-d parameters): it only shrinks them.
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                          nesterov=cfg.momentum > 0, fused=True)
+    if cfg.momentum > 0:
+        # Fused SGD allocates a momentum buffer uninitialised and fills it on the first step; a
+        # skipped first step would leave garbage. Zeros give the same first step.
+        for p in params:
+            opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return opt
+
+
+def _resume_state(cfg, ckdir: Path, fingerprint: dict) -> dict | None:
+    last = ckdir / "last.pt"
+    saved = ckpt.load(last) if cfg.resume == "auto" and last.exists() else None
+    if saved is not None:
+        changed = ckpt.changes(saved.get("fingerprint", {}), fingerprint)
+        if not changed:
+            return saved
+        _say(f"{last} is from another run (changed: {', '.join(changed)}); starting fresh")
+    if ckdir.exists():
+        shutil.rmtree(ckdir)  # a stale best.pt must not outlive its run
+    return None
+
+
+def _restore(loop: Loop, saved: dict) -> Progress:
+    loop.model.load_state_dict(saved["model"])
+    loop.opt.load_state_dict(saved["optimizer"])
+    if loop.ema is not None:
+        loop.ema.load_state_dict(saved["ema"])
+    if loop.scaler is not None and saved["scaler"]:
+        loop.scaler.load_state_dict(saved["scaler"])
+    ckpt.set_rng_state(saved["rng"])  # last: building the model drew from the generators
+    return Progress(**saved["progress"])
+
+
+def _run_epoch(loop: Loop, prog: Progress, ckdir: Path) -> dict[str, Any]:
+    epoch = prog.epoch + 1
+    t0 = time.perf_counter()
+    train_loss, train_acc, lr, train_s = _train_epoch(loop, prog, epoch, ckdir)
+    net = loop.ema.module if loop.ema is not None else loop.model
+    val_loss, val_acc = _evaluate(loop, net, loop.val_data, 2 * prog.batch_size)
+    return {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+            "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
+            "images_per_s": round(loop.train_data.n / train_s, 1),
+            "epoch_s": round(time.perf_counter() - t0, 3), "train_s": train_s}
+
+
+def _train_epoch(loop: Loop, prog: Progress, epoch: int, ckdir: Path):
+    cfg, data, dev = loop.cfg, loop.train_data, loop.device
+    _freeze_backbone(loop, epoch <= cfg.freeze_epochs)
+    perm = torch.randperm(data.n).to(data.index_device)  # global generator: restored on resume
+    loss_sum = torch.zeros((), device=dev)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    good = torch.zeros((), device=dev)
+    bar = tqdm(total=data.n, desc=f"epoch {epoch}/{cfg.epochs}", unit="img", disable=None,
+               leave=False, file=sys.stderr)
+    t0, i, steps, lr = time.perf_counter(), 0, 0, 0.0
+    while i < data.n:
+        idx = perm[i:i + prog.batch_size]
+        lr = _lr(cfg, epoch - 1 + (i + len(idx) / 2) / data.n)
+        try:
+            loss, hits, bad = _step(loop, *data.rows(idx), lr, prog.step)
+        except torch.OutOfMemoryError:
+            loss = None  # handled outside the except block, which holds the failed step's tensors
+        if loss is None:
+            _out_of_memory(loop, prog)
+            continue
+        loss_sum.add_(torch.where(bad, 0.0, loss), alpha=len(idx))
+        good.add_(~bad, alpha=len(idx))
+        correct.add_(hits)
+        i, steps, prog.step = i + len(idx), steps + 1, prog.step + 1
+        if steps % LOG_EVERY == 0:
+            _check_finite(loop, prog, ckdir)
+            if not bar.disable:
+                bar.set_postfix(loss=f"{(loss_sum / good).item():.4f}",
+                                acc=f"{correct.item() / i:.4f}", refresh=False)
+                bar.update(i - bar.n)
+    _check_finite(loop, prog, ckdir)
+    mean_loss, hits = (loss_sum / good).item(), correct.item()  # waits for the device
+    train_s = time.perf_counter() - t0
+    bar.close()
+    return mean_loss, hits / data.n, lr, train_s
+
+
+def _step(loop: Loop, xb: torch.Tensor, yb: torch.Tensor, lr: float, step: int):
+    """One optimizer step on a uint8 batch; returns on-device (loss, correct, non-finite)."""
+    for group in loop.opt.param_groups:
+        group["lr"] = lr
+    if loop.augment is None:
+        x, target = torch.addcmul(loop.shift, xb, loop.scale), yb  # one kernel from uint8
+    else:
+        x, target = loop.augment(xb.float().mul_(1 / 255), yb)
+        x = torch.addcmul(loop.shift, x, loop.scale, value=255.0)
+    x = x.contiguous(memory_format=loop.fmt)  # a no-op unless augmentation changed the layout
+    with loop.autocast():
+        logits = loop.forward(x)
+        loss = F.cross_entropy(logits, target, label_smoothing=loop.cfg.label_smoothing)
+    (loop.scaler.scale(loss) if loop.scaler else loss).backward()
+    if loop.cfg.grad_clip:
+        if loop.scaler:
+            loop.scaler.unscale_(loop.opt)
+        norm = torch.nn.utils.clip_grad_norm_(loop.model.parameters(), loop.cfg.grad_clip)
+        bad = ~torch.isfinite(norm)  # catches non-finite gradients of a finite loss too
+    else:
+        bad = ~torch.isfinite(loss.detach())
+    if loop.scaler:  # fp16: the scaler skips non-finite steps itself
+        loop.scaler.step(loop.opt)
+        loop.scaler.update()
+    else:
+        loop.opt.found_inf = bad.float()  # read by the fused kernels: 1 skips the update
+        loop.opt.grad_scale = None
+        loop.opt.step()
+    loop.opt.zero_grad(set_to_none=True)
+    if loop.ema is not None:
+        loop.ema.update(loop.model, step=step)
+    loop.bad_run.add_(1).mul_(bad)
+    torch.maximum(loop.worst_run, loop.bad_run, out=loop.worst_run)
+    labels = target.argmax(1) if target.ndim == 2 else target  # soft targets: mixup/cutmix
+    return loss.detach().float(), (logits.detach().argmax(1) == labels).sum(), bad
+
+
+def _lr(cfg, t: float) -> float:
+    """Linear warmup for warmup_epochs, then cosine decay to zero at the end; t in epochs."""
+    warm = min(cfg.warmup_epochs, cfg.epochs)
+    if t < warm:
+        return cfg.lr * t / warm
+    if warm >= cfg.epochs:
+        return cfg.lr
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (t - warm) / (cfg.epochs - warm)))
+
+
+def _freeze_backbone(loop: Loop, frozen: bool) -> None:
+    """Only the head trains while frozen; the backbone's batch norms keep their statistics."""
+    head = {id(p) for p in loop.head}
+    for p in loop.model.parameters():
+        p.requires_grad_(not frozen or id(p) in head)
+    loop.model.train()
+    if frozen:
+        loop.model.eval()
+        heads = loop.model.get_classifier()
+        for h in heads if isinstance(heads, (tuple, list)) else (heads,):
+            h.train()
+
+
+def _out_of_memory(loop: Loop, prog: Progress) -> None:
+    loop.opt.zero_grad(set_to_none=True)
+    if loop.device.type == "cuda":
+        torch.cuda.empty_cache()
+    prog.batch_size = _halve(prog.batch_size, "training")
+
+
+def _halve(batch_size: int, what: str) -> int:
+    if batch_size // 2 < MIN_BATCH:
+        raise UserError(
+            f"out of memory during {what} even at batch size {batch_size}; use a smaller model "
+            "or image size, or train.precision=bf16"
+        )
+    _say(f"out of memory during {what} at batch size {batch_size}: going on with "
+         f"{batch_size // 2}")
+    return batch_size // 2
+
+
+def _check_finite(loop: Loop, prog: Progress, ckdir: Path) -> None:
+    worst = int(loop.worst_run.item())
+    if worst < loop.cfg.max_bad_steps:
+        return
+    last = ckdir / "last.pt"
+    kept = (f"the last good checkpoint is {last} (epoch {prog.epoch})" if last.exists()
+            else "no checkpoint was written yet")
+    raise NonFiniteLossError(
+        f"the loss was NaN or infinite for {worst} steps in a row (train.max_bad_steps = "
+        f"{loop.cfg.max_bad_steps}) in epoch {prog.epoch + 1}; stopped, {kept}. Lower "
+        "train.lr, set train.grad_clip (e.g. 1.0) or use train.precision=fp32"
+    )
+
+
+@torch.no_grad()
+def _evaluate(loop: Loop, net, data: Images, batch_size: int):
+    """(loss, accuracy) on a split, or (None, None) when it is empty; halves on out-of-memory."""
+    if data.n == 0:
+        return None, None
+    net.eval()
+    try:
+        loss = torch.zeros((), device=loop.device)
+        correct = torch.zeros((), dtype=torch.int64, device=loop.device)
+        for i in range(0, data.n, batch_size):
+            xb, yb = data.span(i, i + batch_size)
+            x = torch.addcmul(loop.shift, xb, loop.scale).contiguous(memory_format=loop.fmt)
+            with loop.autocast():
+                logits = net(x).float()
+            loss += F.cross_entropy(logits, yb, reduction="sum")
+            correct += (logits.argmax(1) == yb).sum()
+        return loss.item() / data.n, correct.item() / data.n
+    except torch.OutOfMemoryError:
+        pass
+    return _evaluate(loop, net, data, _halve(batch_size, "evaluation"))
+
+
+def _end_epoch(loop: Loop, prog: Progress, row: dict, ckdir: Path, fingerprint: dict,
+               history_path: Path) -> None:
+    """Best, then last, then history: a kill between any two leaves a consistent set."""
+    cfg = loop.cfg
+    row.pop("train_s")
+    prog.epoch = row["epoch"]
+    prog.history.append(row)
+    value = row[cfg.early_stopping_metric]
+    better = (value is None or prog.best_value is None
+              or (value > prog.best_value if cfg.early_stopping_metric == "val_acc"
+                  else value < prog.best_value))
+    if better:
+        prog.best_epoch, prog.best_value = prog.epoch, value
+        net = loop.ema.module if loop.ema is not None else loop.model
+        ckpt.save(ckdir / "best.pt", {"state_dict": net.state_dict(), "epoch": prog.epoch,
+                                      "metrics": row})
+    ckpt.save(ckdir / "last.pt", {
+        "fingerprint": fingerprint, "progress": asdict(prog),
+        "model": loop.model.state_dict(), "optimizer": loop.opt.state_dict(),
+        "ema": loop.ema.state_dict() if loop.ema is not None else None,
+        "scaler": loop.scaler.state_dict() if loop.scaler is not None else None,
+        "rng": ckpt.rng_state(),
+    })
+    write_json(history_path, prog.history)
+    val = "" if row["val_acc"] is None else (
+        f" val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}")
+    _say(f"epoch {prog.epoch}/{cfg.epochs} loss {row['train_loss']:.4f} "
+         f"acc {row['train_acc']:.4f}{val} {row['images_per_s']:.0f} img/s {row['epoch_s']:.1f}s")
+
+
+def _patience_spent(cfg, prog: Progress) -> bool:
+    patience = cfg.early_stopping_patience
+    spent = bool(patience) and prog.epoch - prog.best_epoch >= patience
+    if spent and prog.epoch < cfg.epochs:
+        _say(f"early stop after epoch {prog.epoch}: {cfg.early_stopping_metric} has not improved "
+             f"since epoch {prog.best_epoch}")
+    return spent
+
+
+def _fingerprint(params: Params, manifest: dict, policy: dict) -> dict:
+    return ckpt.fingerprint(
+        model=params.model.model_dump(mode="json"),
+        train=params.train.model_dump(mode="json", exclude=SAME_RUN_KEYS),
+        policy=policy,
+        data={"hashes": manifest.get("hashes"), "classes": class_names(manifest),
+              "image_size": manifest["image_size"], "channels": manifest["channels"]},
+    )
+
+
+def _say(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from components.tracking import tracked  # MLflow is the command line's; train() runs without
+
+    run_step(tracked(train), argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Tracking for real: the pipeline's entry points against a real MLflow server and against the
+embedded SQLite default, read back through the server's REST API (urllib, not the mlflow client).
+
+The project is a temporary git + DVC repository whose prepare stage ran under `dvc repro`, so the
+data hash the run carries can be compared with the one DVC wrote into dvc.lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from components import evaluate, register, train
+from components.checkpoint import load_model, prepare_input
+from components.params import flatten, load_params
+from components.prepared import load_split
+from components.tracking import PENDING_FILE, Tracker, data_hash, dvc_dir_hash, params_hash
+from tests.servers import free_port, mlflow_server
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+SETTINGS = {  # the defaults, made small: digits, one epoch, small pictures
+    "data": {"seed": 0},  # DVC's params dependency needs the section present
+    "train": {"epochs": 1, "batch_size": 64},
+    "augment": {"preview_images": 2, "preview_views": 2},
+    "evaluate": {"mistakes": 4},
+    "register": {"model_name": "tracked", "flush_timeout_s": 2},
+}
+PREPARE_STAGE = {"stages": {"prepare": {"cmd": "python -m components.prepare",
+                                        "params": ["data"], "outs": ["data/prepared"]}}}
+ARTIFACTS = {
+    "augment/policy.json", "augment/preview.png", "data/manifest.json", "params.yaml", "dvc.lock",
+    "train/history.json", "register/decision.json",
+    *(f"evaluate/{name}" for name in (
+        "metrics.json", "classification_report.json", "classification_report.txt",
+        "predictions.csv", "confusion.csv", "confusion.png", "confusion_normalized.png",
+        "calibration.csv", "calibration.png", "mistakes.png", "curves.png")),
+}
+
+
+def sh(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def make_project(root: Path, settings: dict = SETTINGS, dvc: bool = True) -> Path:
+    """params.yaml with prepared and augmented data; with `dvc`, a git repo with a DVC prepare
+    stage, prepared by `dvc repro`."""
+    from components.augment import augment
+    from components.prepare import prepare
+
+    root.mkdir(parents=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(settings))
+    if dvc:
+        (root / "dvc.yaml").write_text(yaml.safe_dump(PREPARE_STAGE))
+        git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+        sh(["git", "init", "-q"], root)
+        sh(["dvc", "init", "-q"], root)
+        sh([*git, "add", "."], root)
+        sh([*git, "commit", "-qm", "project"], root)
+        sh(["dvc", "repro", "-q"], root)
+    with contextlib.chdir(root):
+        if not dvc:
+            prepare(load_params())
+        augment(load_params())
+    return root
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return make_project(tmp_path_factory.mktemp("tracking") / "project")
+
+
+@pytest.fixture
+def project(base: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of the prepared project as the working directory, with no tracking address set."""
+    root = tmp_path / "project"
+    shutil.copytree(base, root, symlinks=True)
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return root
+
+
+# --- reading the server back: plain REST ---------------------------------------------------------
+
+
+def get(uri: str, endpoint: str, **query) -> dict:
+    url = f"{uri}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}"
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return json.loads(reply.read())
+
+
+def artifacts(uri: str, run_id: str, path: str = "") -> set[str]:
+    found = set()
+    for f in get(uri, "artifacts/list", run_id=run_id, path=path).get("files", []):
+        found |= artifacts(uri, run_id, f["path"]) if f["is_dir"] else {f["path"]}
+    return found
+
+
+def pairs(items: list[dict]) -> dict[str, str]:
+    return {i["key"]: i["value"] for i in items}
+
+
+def history(uri: str, run_id: str, key: str) -> list[int]:
+    return sorted(m["step"] for m in get(uri, "metrics/get-history", run_id=run_id,
+                                         metric_key=key).get("metrics", []))
+
+
+def run_pipeline(*steps) -> None:
+    for step in steps:
+        step.main(["--params", "params.yaml"])
+
+
+def check_pipeline_run(uri: str, commit: str, dirty: str) -> str:
+    """Everything one pipeline run should leave in MLflow; returns the run id."""
+    run_id = json.loads(Path("outputs/train/run.json").read_text())["run_id"]
+    run = get(uri, "runs/get", run_id=run_id)["run"]
+    params = load_params()
+    assert run["info"]["status"] == "FINISHED"
+    assert pairs(run["data"]["params"]) == {k: str(v) for k, v in flatten(params).items()}
+    metrics = pairs(run["data"]["metrics"])
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "train.seconds"} <= set(metrics)
+    assert {"accuracy", "macro_f1", "ece", "class_recall.0"} <= set(metrics)  # from evaluate
+    assert history(uri, run_id, "val_acc") == [1]
+
+    lock = yaml.safe_load(Path("dvc.lock").read_text())
+    [out] = lock["stages"]["prepare"]["outs"]
+    tags = pairs(run["data"]["tags"])
+    assert tags["data.hash"] == out["md5"]  # the hash DVC records for the prepared data
+    assert tags["data.name"] == "digits" and tags["params.hash"] == params_hash(params)
+    assert (tags["git.commit"], tags["git.dirty"]) == (commit, dirty)
+    [dataset] = run["inputs"]["dataset_inputs"]
+    assert dataset["dataset"]["digest"] == out["md5"] and dataset["dataset"]["name"] == "digits"
+
+    assert artifacts(uri, run_id) >= ARTIFACTS
+
+    name = params.register.model_name
+    version = get(uri, "registered-models/alias", name=name, alias="champion")["model_version"]
+    assert version["run_id"] == run_id and {"champion", "challenger"} <= set(version["aliases"])
+    vtags = pairs(version["tags"])
+    assert vtags["run_id"] == run_id and vtags["data.hash"] == out["md5"]
+    assert vtags["git.commit"] == commit and vtags["params.hash"] == params_hash(params)
+    assert float(vtags["test.accuracy"]) == pytest.approx(metrics["accuracy"], abs=1e-6)
+    assert tags["register.version"] == version["version"]
+    return run_id
+
+
+def git_head() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+def test_data_hash_is_the_one_dvc_records(base: Path, tmp_path: Path):
+    with contextlib.chdir(base):
+        [out] = yaml.safe_load(Path("dvc.lock").read_text())["stages"]["prepare"]["outs"]
+        assert dvc_dir_hash("data/prepared") == out["md5"]  # computed as DVC does
+        assert data_hash("data/prepared") == out["md5"]
+        lock = {"stages": {"prepare": {"outs": [{**out, "md5": "f" * 32 + ".dir"}]}}}
+        (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+        # The lock is read when it describes the folder as it is (here with a made-up hash)...
+        copy = tmp_path / "data/prepared"
+        shutil.copytree("data/prepared", copy)
+        assert data_hash(copy, tmp_path / "dvc.lock") == "f" * 32 + ".dir"
+        # ... and not once the folder has changed since.
+        (copy / "extra.txt").write_text("new")
+        assert data_hash(copy, tmp_path / "dvc.lock") == dvc_dir_hash(copy) != out["md5"]
+
+
+def test_pipeline_is_one_run_on_a_tracking_server(project: Path, monkeypatch):
+    with mlflow_server(project.parent / "mlflow") as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        run_pipeline(train, evaluate, register)
+        check_pipeline_run(uri, git_head(), "false")
+
+        # The registered model takes raw uint8 images and gives probabilities.
+        import mlflow.pyfunc
+
+        test = load_split("data/prepared", "test")
+        model = mlflow.pyfunc.load_model("models:/tracked@champion")
+        probs = model.predict(np.array(test.x))
+        net, meta = load_model("outputs/train/model.pt")
+        with torch.no_grad():
+            expected = net(prepare_input(test.x, meta)).softmax(1).numpy()
+        np.testing.assert_allclose(probs, expected, atol=1e-5)
+        assert probs.shape == (len(test.y), 10)
+
+
+def test_embedded_default_is_sqlite_and_artifacts_in_the_project(project: Path):
+    (project / "params.yaml").write_text("# changed after the commit: a dirty tree\n"
+                                         + (project / "params.yaml").read_text())
+    run_pipeline(train, evaluate, register)
+    assert (project / "mlflow.db").is_file() and (project / "mlartifacts").is_dir()
+    assert not (project / "mlruns").exists()
+    with mlflow_server(project) as uri:  # a server on the project's own mlflow.db, to read it
+        run_id = check_pipeline_run(uri, git_head(), "true")
+    assert (project / "mlartifacts" / run_id / "artifacts" / "params.yaml").is_file()
+
+
+def test_unreachable_server_fails_before_training(project: Path, monkeypatch, capsys):
+    address = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", address)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--params", "params.yaml"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert address in err and "unreachable" in err
+    assert not Path("outputs/train").exists()  # not a single epoch, not a checkpoint
+
+
+def test_server_away_during_training_loses_no_metric(project: Path, monkeypatch):
+    """Down during epoch 2, back after it (what waited is delivered then), down again at the end
+    (parked in the pending file, delivered by the next step)."""
+    root, port = project.parent / "mlflow", free_port()
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # A request cut by the stop would otherwise sit in the client's own retries for minutes.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    params = load_params("params.yaml", ["train.epochs=2"])
+    server = contextlib.ExitStack()
+    server.enter_context(mlflow_server(root, port=port))
+
+    class Outage:
+        def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+            if epoch == 1:
+                server.close()
+                return
+            server.enter_context(mlflow_server(root, port=port))
+            deadline = time.monotonic() + 90  # the outbox's backoff is 30 s at most
+            while history(uri, tracker.run_id, "train_loss") != [1, 2]:
+                assert time.monotonic() < deadline, "metrics not delivered after the restart"
+                time.sleep(0.5)
+            server.close()  # and away again as training ends
+
+    with Tracker.start(params) as tracker:
+        train.train(params, callbacks=[tracker, Outage()])
+    pending = json.loads((project / "outputs/train" / PENDING_FILE).read_text())
+    [entry] = pending.values()
+    assert {m["key"] for m in entry["metrics"]} >= {"train.seconds"}
+
+    with mlflow_server(root, port=port):
+        Tracker.resume(params).close()  # what the next step does first
+        for key in ("train_loss", "val_acc", "lr"):
+            assert history(uri, tracker.run_id, key) == [1, 2]
+        assert history(uri, tracker.run_id, "train.seconds") == [2]
+        run = get(uri, "runs/get", run_id=tracker.run_id)["run"]
+        assert pairs(run["data"]["tags"])["train.device"] == "cpu"
+        assert "train/history.json" in artifacts(uri, tracker.run_id)
+    assert not (project / "outputs/train" / PENDING_FILE).exists()
