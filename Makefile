@@ -35,3 +35,51 @@ lock:
 
 clean:
 	rm -rf $(VENV) data/prepared outputs
+
+# The local stack, on loopback: a Prefect server (UI at http://127.0.0.1:4200), an MLflow server
+# (UI at http://127.0.0.1:5000) and a process worker on pool `local`, each a background process
+# with its pid and log under .stack/. `make deploy` registers prefect.yaml's deployments (a worker
+# runs the committed code: commit first), `make pipeline` runs the digits one and follows it.
+.PHONY: stack-up deploy pipeline stack-down
+STACK := .stack
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+STACK_ENV = PREFECT_HOME=$(abspath $(STACK))/prefect \
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api \
+	MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) PREFECT_SERVER_ANALYTICS_ENABLED=false
+# $(call start,NAME,COMMAND,HEALTH URL): start COMMAND unless its pid is alive, wait for the URL.
+define start
+	@if [ -f $(STACK)/$(1).pid ] && kill -0 $$(cat $(STACK)/$(1).pid) 2>/dev/null; then \
+		echo "$(1) already running (pid $$(cat $(STACK)/$(1).pid))"; \
+	else \
+		$(STACK_ENV) setsid $(2) > $(STACK)/$(1).log 2>&1 & echo $$! > $(STACK)/$(1).pid; \
+		echo "started $(1) (pid $$(cat $(STACK)/$(1).pid), log $(STACK)/$(1).log)"; \
+	fi
+	@for i in $$(seq 180); do curl -sf $(3) > /dev/null && exit 0; \
+		kill -0 $$(cat $(STACK)/$(1).pid) 2>/dev/null || { tail -20 $(STACK)/$(1).log; exit 1; }; \
+		sleep 1; done; echo "$(1) did not answer at $(3)"; exit 1
+endef
+
+stack-up: install
+	mkdir -p $(STACK)/workspace $(STACK)/prefect
+	$(call start,prefect-server,$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT),http://127.0.0.1:$(PREFECT_PORT)/api/health)
+	$(call start,mlflow,$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 --backend-store-uri sqlite:///$(abspath $(STACK))/mlflow.db --artifacts-destination $(abspath $(STACK))/mlartifacts --serve-artifacts,http://127.0.0.1:$(MLFLOW_PORT)/health)
+	@for pool in local gpu; do $(STACK_ENV) prefect work-pool inspect $$pool > /dev/null 2>&1 || \
+		$(STACK_ENV) prefect work-pool create $$pool --type process > /dev/null; \
+		echo "work pool $$pool (process)"; done
+	$(call start,worker,$(BIN)/prefect worker start --pool local --name local-$$(hostname),http://127.0.0.1:$(PREFECT_PORT)/api/health)
+
+deploy: install
+	@$(STACK_ENV) prefect --no-prompt deploy --all
+
+pipeline: install
+	@$(STACK_ENV) prefect deployment run 'training-pipeline/digits' --watch
+	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)/runs  MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)"
+
+stack-down:
+	@for name in worker mlflow prefect-server; do \
+		if [ -f $(STACK)/$$name.pid ]; then \
+			kill -- -$$(cat $(STACK)/$$name.pid) 2>/dev/null && echo "stopped $$name"; \
+			rm -f $(STACK)/$$name.pid; \
+		fi; \
+	done

@@ -8,6 +8,7 @@ assigned it, if any. prepare decides the final splits and writes them.
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import get_context
@@ -170,8 +171,11 @@ def _folder(cfg: Data, workdir: Path) -> Pool:
     job = partial(_decode_job, size=size, channels=channels, resize=cfg.resize,
                   min_side=cfg.min_side)
     paths = [str(c.path) for c in scan.candidates]
-    # fork: workers start at once and share nothing but the paths they are sent.
-    with get_context("fork").Pool(os.cpu_count() or 1) as workers:
+    # fork: workers start at once and share nothing but the paths they are sent. They get the
+    # default SIGTERM back: a handler inherited from the caller (Prefect installs one) would run
+    # when the pool terminates them, and can hang there on locks its other threads held.
+    with get_context("fork").Pool(os.cpu_count() or 1, initializer=signal.signal,
+                                  initargs=(signal.SIGTERM, signal.SIG_DFL)) as workers:
         results = workers.imap(job, paths, chunksize=16)
         for i, (image, bad) in enumerate(tqdm(results, total=n, desc="prepare", unit="img")):
             if bad is None:

@@ -6,6 +6,7 @@ until it answers, yields its address, and stops it (and its children) afterwards
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -83,7 +84,7 @@ def prefect_server(home: Path, timeout: float = 180) -> Iterator[str]:
 
 @contextmanager
 def mlflow_server(root: Path, port: int | None = None, timeout: float = 120) -> Iterator[str]:
-    """An MLflow tracking server (SQLite backend, proxied artifacts) under `root`; yields its URI."""
+    """An MLflow server (SQLite backend, proxied artifacts) under `root`; yields its URI."""
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -94,3 +95,34 @@ def mlflow_server(root: Path, port: int | None = None, timeout: float = 120) -> 
     ]
     with _server(cmd, f"{uri}/health", root / "server.log", dict(os.environ), timeout):
         yield uri
+
+
+@contextmanager
+def prefect_worker(pool: str, cwd: Path, env: dict, name: str, limit: int | None = None,
+                   timeout: float = 120) -> Iterator[subprocess.Popen]:
+    """A process worker on `pool`, started in `cwd` (its flow runs' working_dir is relative to
+    it); yields the process once the server lists the worker as online."""
+    cmd = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", name]
+    if limit:
+        cmd += ["--limit", str(limit)]
+    with open(cwd / f"{name}.log", "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while "started!" not in (cwd / f"{name}.log").read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker {name} did not start:\n"
+                                   f"{(cwd / f'{name}.log').read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield proc
+    finally:
+        _stop(proc)
+
+
+def api_post(api: str, path: str, body: dict) -> list | dict:
+    """POST `body` as JSON to the Prefect API at `api` + `path`; the decoded reply."""
+    request = urllib.request.Request(f"{api}{path}", data=json.dumps(body).encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return json.loads(reply.read())

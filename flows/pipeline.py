@@ -1,0 +1,248 @@
+"""training-pipeline: prepare → augment → train → evaluate → register as Prefect tasks.
+
+The tasks call the same component functions, with the same validated settings, as the DVC stages
+(`python -m components.<step>`), and track into one MLflow run the same way the steps' main()
+functions do, so a flow run and `dvc repro` of the same params give the same outputs.
+
+Parameters: `params_file` and, per params.yaml section, typed overrides (a form in the Prefect
+UI; empty fields keep the file's values), validated together like the file. `skip_register`
+leaves out the register gate (a sweep's children use it: only the sweep's best is registered).
+
+- prepare is cached on what decides its output (flows/prepare_cache.py); a cached result counts
+  only while the prepared folder still holds the same data.
+- train resumes from its last checkpoint when retried or re-run (train.resume: auto).
+- evaluate and register talk to MLflow: retried with exponential backoff. register makes at most
+  one model version per training run however often it is retried (the step checks the registry).
+- Each run leaves a markdown artifact `training-summary`: metrics, registry decision, MLflow run.
+
+    prefect deployment run 'training-pipeline/digits' --watch     # on a worker (prefect.yaml)
+    python -m flows.pipeline [--params params.yaml] [--set train.epochs=1 ...]   # here, now
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+from prefect.tasks import exponential_backoff
+
+from components import augment as augment_step
+from components import evaluate as evaluate_step
+from components import prepare as prepare_step
+from components import register as register_step
+from components import train as train_step
+from components.params import DEFAULT_PARAMS, Params, UserError
+from components.prepared import class_names, read_manifest
+from components.tracking import tracked
+from flows import prepare_cache, run_tags
+from flows.settings import (
+    SECTIONS,
+    AugmentOverrides,
+    DataOverrides,
+    EvaluateOverrides,
+    ModelOverrides,
+    PathsOverrides,
+    RegisterOverrides,
+    TrainOverrides,
+    resolve,
+)
+
+ARTIFACT_KEY = "training-summary"
+
+
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """A UserError (bad settings or data) fails the same way every time: do not retry it."""
+    try:
+        state.result()
+    except UserError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+def _prepare_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return prepare_cache.cache_key(parameters["params"])
+
+
+@task(name="prepare", cache_key_fn=_prepare_key, persist_result=True)
+def prepare_data(params: Params) -> dict[str, Any]:
+    """Prepare, unless DVC already holds this output (e.g. fetched by a worker's `dvc pull`);
+    push what was made when the project has a DVC remote."""
+    logger = get_run_logger()
+    as_dvc = prepare_cache.dvc_stage(params)
+    if as_dvc and prepare_cache.dvc_up_to_date():
+        logger.info("%s is what dvc.lock records for these inputs: not prepared again",
+                    params.paths.prepared)
+        return {**_prepared(params), "reused": True}
+    prepare_step.prepare(params)
+    remote = prepare_cache.dvc_remote() if as_dvc else None
+    if remote:
+        logger.info("pushing %s to DVC remote %s", params.paths.prepared, remote)
+        prepare_cache.push()
+    return _prepared(params)
+
+
+def _prepared(params: Params) -> dict[str, Any]:
+    manifest = read_manifest(params.paths.prepared)
+    return {"path": str(params.paths.prepared), "classes": class_names(manifest),
+            "counts": manifest["num"], "hashes": manifest["hashes"],
+            "duplicates": manifest["duplicates_across_splits"]["count"]}
+
+
+@task(name="augment", cache_policy=NO_CACHE)
+def augment_policy(params: Params) -> dict[str, Any]:
+    return asdict(augment_step.augment(params))
+
+
+@task(name="train", cache_policy=NO_CACHE, tags=["train"], retries=1, retry_delay_seconds=5,
+      retry_condition_fn=retry_unless_user_error)
+def train_model(params: Params) -> dict[str, Any]:
+    return asdict(tracked(train_step.train)(params))
+
+
+@task(name="evaluate", cache_policy=NO_CACHE, retries=3,
+      retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
+      retry_condition_fn=retry_unless_user_error)
+def evaluate_model(params: Params) -> dict[str, Any]:
+    return asdict(tracked(evaluate_step.evaluate)(params))
+
+
+@task(name="register", cache_policy=NO_CACHE, retries=3,
+      retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
+      retry_condition_fn=retry_unless_user_error)
+def register_model(params: Params) -> dict[str, Any]:
+    return asdict(tracked(register_step.register)(params))
+
+
+def prepared_data(params: Params) -> tuple[dict[str, Any], str]:
+    """The prepare task's result and how it came: ran, cached, or pulled (by DVC)."""
+    state = prepare_data(params, return_state=True)
+    result = state.result()
+    if state.name != "Cached":
+        return result, "pulled" if result.get("reused") else "ran"
+    if prepare_cache.still_valid(result, params):
+        return result, "cached"
+    logger = get_run_logger()
+    if prepare_cache.dvc_stage(params) and prepare_cache.dvc_remote() and \
+            prepare_cache.pull() and prepare_cache.still_valid(result, params):
+        logger.info("prepared data pulled from the DVC remote by its content hash")
+        return result, "pulled"
+    logger.info("cached prepare result, but %s no longer holds that data: preparing again",
+                params.paths.prepared)
+    return prepare_data.with_options(refresh_cache=True)(params), "ran"
+
+
+@flow(name="training-pipeline", log_prints=True)
+def training_pipeline(
+    params_file: str = DEFAULT_PARAMS,
+    paths: PathsOverrides = PathsOverrides(),
+    data: DataOverrides = DataOverrides(),
+    augment: AugmentOverrides = AugmentOverrides(),
+    model: ModelOverrides = ModelOverrides(),
+    train: TrainOverrides = TrainOverrides(),
+    evaluate: EvaluateOverrides = EvaluateOverrides(),
+    register: RegisterOverrides = RegisterOverrides(),
+    skip_register: bool = False,
+    mlflow_parent_run: str | None = None,
+) -> dict[str, Any]:
+    """Prepare, augment, train, evaluate and register a CNN image classifier.
+
+    Args:
+        params_file: the settings file, relative to the project folder.
+        paths: where each step writes; empty fields keep the file's values.
+        data: the prepare step's settings (source, image size, splits).
+        augment: the augmentation policy.
+        model: which network, and where its starting weights come from.
+        train: the training loop (epochs, batch size, optimizer, learning rate, ...).
+        evaluate: the report on the test split.
+        register: the registered model's name and the champion gate.
+        skip_register: train and evaluate only (a sweep's children).
+        mlflow_parent_run: nest this run's MLflow run under that one (a sweep's).
+    """
+    params = resolve(params_file, paths=paths, data=data, augment=augment, model=model,
+                     train=train, evaluate=evaluate, register=register)
+    prepared, how = prepared_data(params)
+    augment_policy(params)
+    trained = train_model(params)
+    run_tags.tag_run(params, run_tags.flow_run_tags(mlflow_parent_run))
+    evaluated = evaluate_model(params)
+    decision = None if skip_register else register_model(params)
+    summary = _summary(params, how, prepared, trained, evaluated, decision)
+    _publish(summary)
+    return summary
+
+
+def _summary(params, how, prepared, trained, evaluated, decision) -> dict[str, Any]:
+    metrics = {k: v for k, v in evaluated.items() if isinstance(v, int | float)}
+    return {
+        "model": params.model.name,
+        "prepare": how,
+        "data_hashes": prepared.get("hashes"),
+        "epochs": trained["epochs"],
+        "resumed_from": trained["resumed_from"],
+        "metrics": metrics,
+        "registered": decision,
+        "mlflow": run_tags.run_info(params),
+    }
+
+
+def _publish(summary: dict[str, Any]) -> None:
+    create_markdown_artifact(key=ARTIFACT_KEY, markdown=summary_markdown(summary),
+                             description="Metrics, registry decision and MLflow run")
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    lines = [f"## {summary['model']}: {summary['epochs']} epochs", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+              for k, v in summary["metrics"].items()]
+    lines += ["", f"prepare: {summary['prepare']}; resumed from epoch {summary['resumed_from']}",
+              ""]
+    decision = summary["registered"]
+    if decision is None:
+        lines.append("**Registry:** skipped (`skip_register`).")
+    else:
+        lines.append("**Registry:** " + run_tags.describe_decision(decision))
+    run = summary["mlflow"]
+    if run and run["url"].startswith(("http://", "https://")):
+        lines += ["", f"**MLflow run:** [{run['run_id']}]({run['url']})"]
+    elif run:
+        lines += ["", f"**MLflow run:** `{run['run_id']}` in `{run['tracking_uri']}` "
+                  f"(`mlflow ui --backend-store-uri {run['tracking_uri']}` shows it)"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="settings file (params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting (validated like the file); repeatable")
+    parser.add_argument("--skip-register", action="store_true")
+    args = parser.parse_args(argv)
+    sections: dict[str, dict] = {}
+    for text in args.set:
+        key, _, value = text.partition("=")
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name:
+            parser.error(f"--set {text!r}: expected section.key=value, sections: {SECTIONS}")
+        sections.setdefault(section, {})[name] = yaml.safe_load(value)
+    try:
+        summary = training_pipeline(args.params, skip_register=args.skip_register, **sections)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

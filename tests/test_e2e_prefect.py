@@ -1,0 +1,216 @@
+"""End to end, as a user runs it: a Prefect server, an MLflow server and process workers on
+loopback, `prefect deploy --all` from a clone of the project, `prefect deployment run ... --watch`.
+
+Workers clone the project at the deployed commit into their working dir (prefect.yaml's pull
+steps), so these runs use the committed copy of the code, not this checkout.
+"""
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.servers import api_post, mlflow_server, prefect_server, prefect_worker
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SKIP = ("tests/", "bench/", "infra/", ".ci/")
+CLONE = Path(".stack/workspace/cnn-pipeline")  # prefect.yaml: working_dir / clone name
+
+
+@dataclass
+class Stack:
+    root: Path
+    repo: Path  # the project as committed: what `prefect deploy` ran in
+    workers: Path  # where workers start; their clone is workers / CLONE
+    env: dict
+    mlflow: str
+
+    def prefect(self, *args: str, timeout: float = 600) -> str:
+        done = subprocess.run([str(BIN / "prefect"), *args], cwd=self.repo, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    def run_deployment(self, name: str, params: dict, watch: bool = True) -> str:
+        """The flow run's id; with `watch`, after it ended Completed."""
+        args = ["deployment", "run", name, "--params", json.dumps(params)]
+        out = self.prefect(*args, *(["--watch"] if watch else []))
+        if watch:
+            assert "Completed" in out, out[-3000:]
+        return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+
+    def worker(self, name: str, limit: int | None = None):
+        return prefect_worker("local", self.workers, self.env, name, limit=limit)
+
+
+def _project_files() -> list[str]:
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    return [f for f in listed if not f.startswith(SKIP) and (ROOT / f).is_file()]
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo,
+                   check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stack")
+    repo, workers = root / "repo", root / "workers"
+    for name in _project_files():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, repo / name)
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "project")
+    (workers / ".stack/workspace").mkdir(parents=True)
+    with prefect_server(root / "prefect") as api, mlflow_server(root / "mlflow") as mlflow:
+        env = {**os.environ, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow,
+               "PREFECT_HOME": str(root / "home"), "DVC_NO_ANALYTICS": "1",
+               "PATH": f"{BIN}:{os.environ['PATH']}"}
+        s = Stack(root, repo, workers, env, mlflow)
+        for pool in ("local", "gpu"):
+            s.prefect("work-pool", "create", pool, "--type", "process")
+        s.prefect("--no-prompt", "deploy", "--all")
+        yield s
+
+
+def _artifact(stack: Stack, flow_run_id: str, key: str) -> str:
+    found = api_post(stack.env["PREFECT_API_URL"], "/artifacts/filter", {
+        "artifacts": {"key": {"any_": [key]}}, "flow_runs": {"id": {"any_": [flow_run_id]}}})
+    assert len(found) == 1, f"{len(found)} {key} artifacts for flow run {flow_run_id}"
+    return found[0]["data"]
+
+
+def _task_runs(stack: Stack, flow_run_ids: list[str]) -> list[dict]:
+    return api_post(stack.env["PREFECT_API_URL"], "/task_runs/filter",
+                    {"flow_runs": {"id": {"any_": flow_run_ids}}, "limit": 200})
+
+
+def test_deployment_run_on_a_worker_tracks_and_registers(stack):
+    with stack.worker("w1"):
+        flow_run = stack.run_deployment("training-pipeline/digits", {"train": {"epochs": 1}})
+    client = MlflowClient(stack.mlflow)
+    champion = client.get_model_version_by_alias("digits-classifier", "champion")
+    run = client.get_run(champion.run_id)
+    assert run.data.tags["prefect.flow_run_id"] == flow_run
+    assert run.data.tags["prefect.deployment"] == "training-pipeline/digits"
+    assert run.data.params["train.epochs"] == "1" and 0.1 < run.data.metrics["accuracy"] <= 1
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1]
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
+    assert {"evaluate/metrics.json", "evaluate/confusion.png"} <= logged
+    summary = _artifact(stack, flow_run, "training-summary")
+    assert run.info.run_id in summary and "champion" in summary
+
+
+def test_killed_worker_rerun_resumes_training_and_registers_once(stack):
+    folder = "outputs/killed"
+    params = {"paths": {s: f"{folder}/{s}" for s in ("augment", "train", "evaluate", "register")},
+              "train": {"epochs": 40}, "register": {"model_name": "killed-classifier"}}
+    history = stack.workers / CLONE / folder / "train/history.json"
+    with stack.worker("w2") as worker:
+        stack.run_deployment("training-pipeline/digits", params, watch=False)
+        deadline = time.monotonic() + 600
+        while not (history.is_file() and json.loads(history.read_text())):
+            assert time.monotonic() < deadline, "train never finished an epoch"
+            time.sleep(0.2)
+        _kill_tree(worker.pid)  # the worker and the flow run it started, mid-training
+    done = len(json.loads(history.read_text()))
+    assert 1 <= done < 40
+
+    with stack.worker("w3"):
+        rerun = stack.run_deployment("training-pipeline/digits", params)
+    states = {t["name"].rsplit("-", 1)[0]: t["state"]["name"] for t in _task_runs(stack, [rerun])}
+    assert states["prepare"] == "Cached" and states["train"] == "Completed", states
+    summary = _artifact(stack, rerun, "training-summary")
+    resumed = int(re.search(r"resumed from epoch (\d+)", summary).group(1))
+    assert resumed >= done
+    client = MlflowClient(stack.mlflow)
+    versions = client.search_model_versions("name = 'killed-classifier'")
+    assert len(versions) == 1
+    experiment = client.get_experiment_by_name("killed-classifier")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1  # the resumed train kept logging into the run it started
+    epochs = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_acc")]
+    assert max(epochs) == 40 and runs[0].info.run_id == versions[0].run_id
+
+
+def _kill_tree(pid: int) -> None:
+    parent = psutil.Process(pid)
+    procs = [parent, *parent.children(recursive=True)]
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=30)
+
+
+def test_sweep_fans_out_over_two_workers_and_promotes_at_most_once(stack):
+    stack.prefect("concurrency-limit", "create", "train", "1")  # one GPU's worth of training
+    params = {"train": {"epochs": 1}, "register": {"model_name": "sweep-classifier"}}
+    with stack.worker("s1", limit=2), stack.worker("s2", limit=2):
+        sweep = stack.run_deployment("sweep/digits", params)
+    table = _artifact(stack, sweep, "sweep-comparison")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "-lr" in line]
+    assert len(rows) == 4 and sum("**best**" in r for r in rows) == 1
+    assert all("| Completed |" in r for r in rows), table
+
+    children = re.findall(r"\| ([0-9a-f-]{36}) \|", table)
+    assert len(children) == 4
+    logs = [(stack.workers / f"{w}.log").read_text() for w in ("s1", "s2")]
+    assert all(any(c in log for c in children) for log in logs), "one worker ran every child"
+    trains = sorted((t["start_time"], t["end_time"]) for t in _task_runs(stack, children)
+                    if t["name"].startswith("train"))
+    assert len(trains) == 4
+    assert all(a[1] <= b[0] for a, b in zip(trains, trains[1:], strict=False)), trains
+
+    client = MlflowClient(stack.mlflow)
+    versions = client.search_model_versions("name = 'sweep-classifier'")
+    assert len(versions) == 1
+    assert client.get_model_version_by_alias("sweep-classifier", "champion").version == \
+        versions[0].version
+    experiment = client.get_experiment_by_name("sweep-classifier")
+    parent = client.search_runs([experiment.experiment_id],
+                                filter_string="attributes.run_name LIKE 'sweep-%'")
+    assert len(parent) == 1
+    nested = client.search_runs([experiment.experiment_id], filter_string=(
+        f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'"))
+    assert len(nested) == 4
+    assert {a.path for a in client.list_artifacts(parent[0].info.run_id, "sweep")} == {
+        "sweep/comparison.md", "sweep/comparison.csv"}
+
+
+def test_flow_and_dvc_repro_give_the_same_metrics(stack, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(stack.repo, repo, ignore=shutil.ignore_patterns(".git"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["epochs"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "project")
+    env = {k: v for k, v in stack.env.items() if k != "MLFLOW_TRACKING_URI"}  # embedded store
+    subprocess.run(["dvc", "repro"], cwd=repo, env=env, check=True, capture_output=True,
+                   timeout=600)
+    by_dvc = json.loads((repo / "outputs/evaluate/metrics.json").read_text())
+
+    moved = [f"--set=paths.{s}=flow/{s}" for s in
+             ("prepared", "augment", "train", "evaluate", "register")]
+    subprocess.run([sys.executable, "-m", "flows.pipeline", *moved], cwd=repo, env=env,
+                   check=True, capture_output=True, timeout=600)
+    by_flow = json.loads((repo / "flow/evaluate/metrics.json").read_text())
+    assert by_flow == by_dvc
