@@ -113,20 +113,19 @@ def find_duplicates(pool: Pool, split: np.ndarray, drop: bool) -> dict:
 
 
 def _row_hashes(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """A 64-bit polynomial hash per image, vectorised over rows (hashlib per row is 10× slower)."""
+    """A 64-bit hash per image: its 32-bit words times fixed random odd multipliers, summed
+    (one matrix product, ~20× faster than hashlib per row). Words of 32 bits keep two images
+    that differ in any word from colliding except by chance; equal hashes are then compared
+    byte for byte, so a collision costs a comparison, never a wrong answer."""
     width = int(np.prod(x.shape[1:]))
-    pad = -width % 8
+    pad = -width % 4
+    multipliers = np.random.default_rng(0).integers(1, 2**63, (width + pad) // 4, np.uint64) | 1
     out = np.empty(len(rows), np.uint64)
-    prime = np.uint64(1099511628211)
     for i in range(0, len(rows), CHUNK):
         chunk = np.asarray(x[rows[i : i + CHUNK]]).reshape(-1, width)
         if pad:
             chunk = np.pad(chunk, ((0, 0), (0, pad)))
-        words = chunk.view(np.uint64)
-        h = np.zeros(len(words), np.uint64)
-        for j in range(words.shape[1]):
-            h = h * prime + words[:, j]  # wraps modulo 2**64, as intended
-        out[i : i + CHUNK] = h
+        out[i : i + CHUNK] = chunk.view(np.uint32).astype(np.uint64) @ multipliers
     return out
 
 

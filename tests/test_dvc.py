@@ -59,7 +59,7 @@ def test_prepare_stage_runs_once_then_again_when_data_settings_change(repo):
     out = run(["dvc", "repro", "prepare"], repo)
     assert "Running stage" not in out
     assert manifest.stat().st_mtime_ns == stamp  # nothing was written
-    assert json.loads(run(["dvc", "status", "--json"], repo)) == {}
+    assert json.loads(run(["dvc", "status", "prepare", "--json"], repo)) == {}
 
     set_param(repo, "data", "seed", 1)
     out = run(["dvc", "repro", "prepare"], repo)
