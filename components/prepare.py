@@ -1,4 +1,3 @@
-# status: ready for tests
 """prepare: a data source in, fixed-size uint8 arrays per split and a manifest out.
 
 Reads `data` settings: the source (digits, a torchvision dataset under data.root, or an image

@@ -166,8 +166,14 @@ class RegistryLock:
             holder = self._read()
             if holder is None or holder["expires"] < time.time():
                 token = uuid.uuid4().hex
-                self.client.set_registered_model_tag(self.name, LOCK_TAG, json.dumps(
-                    {"token": token, "expires": time.time() + LOCK_TTL_S}))
+                try:
+                    self.client.set_registered_model_tag(self.name, LOCK_TAG, json.dumps(
+                        {"token": token, "expires": time.time() + LOCK_TTL_S}))
+                except MlflowException:
+                    # The server writes a new tag by read-then-insert: a contender inserting at
+                    # the same moment makes ours fail on the unique key. Theirs stands; back off.
+                    time.sleep(random.uniform(0.2, 0.8))
+                    continue
                 # A write slower than the settle time could land after a contender's check;
                 # then ours is not safe to claim, and it is left to expire.
                 if time.monotonic() - started < LOCK_SETTLE_S:
