@@ -73,22 +73,27 @@ def _prepare_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return prepare_cache.cache_key(parameters["params"])
 
 
-@task(name="prepare", cache_key_fn=_prepare_key, persist_result=True)
+# JSON, not Prefect's default pickle: a cache hit reads this back, and shared result storage
+# must not be a way to run code on every worker.
+@task(name="prepare", cache_key_fn=_prepare_key, persist_result=True, result_serializer="json")
 def prepare_data(params: Params) -> dict[str, Any]:
-    """Prepare, unless DVC already holds this output (e.g. fetched by a worker's `dvc pull`);
-    push what was made when the project has a DVC remote."""
+    """Prepare, unless DVC already holds this output (e.g. fetched by a worker's `dvc pull`) or
+    can fetch it from its remote by content hash; push what was made when there is a remote."""
     logger = get_run_logger()
     as_dvc = prepare_cache.dvc_stage(params)
     if as_dvc and prepare_cache.dvc_up_to_date():
         logger.info("%s is what dvc.lock records for these inputs: not prepared again",
                     params.paths.prepared)
         return {**_prepared(params), "reused": True}
-    prepare_step.prepare(params)
     remote = prepare_cache.dvc_remote() if as_dvc else None
-    if remote:
-        logger.info("pushing %s to DVC remote %s", params.paths.prepared, remote)
-        prepare_cache.push()
-    return _prepared(params)
+    if not remote:
+        prepare_step.prepare(params)
+        return _prepared(params)
+    how = prepare_cache.repro()
+    logger.info("%s %s through DVC; pushing it to DVC remote %s", params.paths.prepared,
+                "restored from the run cache" if how == "pulled" else "prepared", remote)
+    prepare_cache.push()
+    return {**_prepared(params), "reused": how == "pulled"}
 
 
 def _prepared(params: Params) -> dict[str, Any]:
@@ -131,14 +136,10 @@ def prepared_data(params: Params) -> tuple[dict[str, Any], str]:
         return result, "pulled" if result.get("reused") else "ran"
     if prepare_cache.still_valid(result, params):
         return result, "cached"
-    logger = get_run_logger()
-    if prepare_cache.dvc_stage(params) and prepare_cache.dvc_remote() and \
-            prepare_cache.pull() and prepare_cache.still_valid(result, params):
-        logger.info("prepared data pulled from the DVC remote by its content hash")
-        return result, "pulled"
-    logger.info("cached prepare result, but %s no longer holds that data: preparing again",
-                params.paths.prepared)
-    return prepare_data.with_options(refresh_cache=True)(params), "ran"
+    get_run_logger().info("cached prepare result, but %s no longer holds that data: preparing "
+                          "again (or fetching it from the DVC remote)", params.paths.prepared)
+    result = prepare_data.with_options(refresh_cache=True)(params)
+    return result, "pulled" if result.get("reused") else "ran"
 
 
 @flow(name="training-pipeline", log_prints=True)

@@ -11,9 +11,11 @@ in the result; otherwise prepare runs again.
 DVC, where the project is a DVC project whose params.yaml asks for the same data (the flow's
 data settings equal the file's): a prepared folder that `dvc status` finds to be what dvc.lock
 records for the current inputs (e.g. fetched by a worker's `dvc pull` pull step) is used, not
-made again; and with a DVC remote, what prepare made is committed to dvc.lock and DVC's cache and
-pushed with its run cache, so another host fetches it by content hash (`dvc pull` with that
-dvc.lock, or `dvc repro --pull`) instead of preparing it again. With other data settings the
+made again. With a DVC remote as well, the stage goes through `dvc repro --pull`: DVC looks its
+inputs' hashes up in the remote's run cache and, when another host already made this output,
+checks it out from the remote instead of running prepare; otherwise it runs the stage's own
+command (the same prepare), and the result is pushed with its run-cache entry for the next
+host. No commit of dvc.lock has to travel between hosts for this. With other data settings the
 flow's output is not the stage's, so DVC is left alone.
 """
 
@@ -96,8 +98,10 @@ def still_valid(cached: dict[str, Any], params: Params) -> bool:
 
 
 def _dvc(*args: str) -> subprocess.CompletedProcess:
+    # Stage commands say `python`: this interpreter's, whatever PATH the worker was started with.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True,
-                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+                          env={**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1"})
 
 
 def dvc_stage(params: Params, stage: str = "prepare") -> bool:
@@ -128,15 +132,19 @@ def dvc_up_to_date(stage: str = "prepare") -> bool:
     return done.returncode == 0 and json.loads(done.stdout or "{}") == {}
 
 
+def repro(stage: str = "prepare") -> str:
+    """Bring the stage's output here by `dvc repro --pull`: "pulled" when DVC restored it from
+    the remote's run cache by the hash of its inputs, "ran" when it had to run the command."""
+    done = _dvc("repro", "--pull", "--single-item", stage)
+    if done.returncode != 0:
+        raise RuntimeError(f"dvc repro --pull {stage} failed:\n{done.stdout}{done.stderr}")
+    # DVC says "Stage 'prepare' is cached - skipping run, checking out outputs" on a hit; the
+    # wording only labels the log line, the output is correct either way.
+    return "pulled" if "skipping run" in done.stdout else "ran"
+
+
 def push(stage: str = "prepare") -> None:
-    """Record the stage's output in dvc.lock and DVC's cache (and run cache), and push both to
-    the default remote, so `dvc pull` or `dvc repro --pull` elsewhere fetches it by hash."""
-    for args in (("commit", "--force", stage), ("push", "--run-cache", stage)):
-        done = _dvc(*args)
-        if done.returncode != 0:
-            raise RuntimeError(f"dvc {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
-
-
-def pull(stage: str = "prepare") -> bool:
-    """Fetch the stage's output that dvc.lock records; True if it is then up to date."""
-    return _dvc("pull", stage).returncode == 0 and dvc_up_to_date(stage)
+    """Send the stage's output and its run-cache entry to the default remote."""
+    done = _dvc("push", "--run-cache", stage)
+    if done.returncode != 0:
+        raise RuntimeError(f"dvc push --run-cache {stage} failed:\n{done.stdout}{done.stderr}")

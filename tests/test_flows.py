@@ -184,8 +184,9 @@ def _dvc(repo: Path, *args: str) -> str:
 
 @pytest.mark.slow
 def test_prepared_data_travels_through_the_dvc_remote(project, tmp_path_factory, monkeypatch):
-    """Host A prepares and pushes; host B's clone gets it with the worker's `dvc pull` (a pull
-    step of prefect.yaml) and the flow does not prepare it again."""
+    """Host A prepares and pushes; host B, a clone of the same commit (no dvc.lock travels
+    between them) with its own DVC cache and Prefect storage, gets the prepared data from the
+    remote's run cache by the hash of its inputs and does not prepare it again."""
     for name in ("dvc.yaml", ".dvcignore", ".dvc/config", "data/raw/.gitkeep"):
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, project / name)
@@ -200,8 +201,6 @@ def test_prepared_data_travels_through_the_dvc_remote(project, tmp_path_factory,
     assert prepare_only() == "ran"
     assert any(p.is_file() for p in remote.rglob("*")), "nothing was pushed"
     assert json.loads(_dvc(project, "status", "--cloud", "--json", "prepare")) == {}
-    _git(project, "add", "dvc.lock")
-    _git(project, "commit", "-qm", "prepared data, as pushed")
 
     host_b = tmp_path_factory.mktemp("host-b") / "clone"
     _git(project.parent, "clone", "-q", str(project), str(host_b))
@@ -209,6 +208,8 @@ def test_prepared_data_travels_through_the_dvc_remote(project, tmp_path_factory,
     monkeypatch.chdir(host_b)
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(host_b / "prefect-storage")}):
         assert prepare_only() == "pulled"
+    made = json.loads((project / "data/prepared/manifest.json").read_text())["hashes"]
+    assert json.loads((host_b / "data/prepared/manifest.json").read_text())["hashes"] == made
 
 
 def test_sweep_children_keep_the_deployment_settings_in_their_own_folders():
