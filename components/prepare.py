@@ -43,9 +43,10 @@ def prepare(params: Params) -> PrepareResult:
     with atomic_dir(params.paths.prepared) as out:
         pool = load_source(cfg, out)
         split = assign_splits(pool.y, pool.given, cfg)
-        duplicates = find_duplicates(pool, split, cfg.drop_duplicates)
+        fingerprints = _row_hashes(pool.x, pool.rows)
+        duplicates = find_duplicates(pool, split, fingerprints, cfg.drop_duplicates)
         manifest = _manifest(cfg, pool, split, duplicates)
-        manifest |= _write_splits(out, pool, split)
+        manifest |= _write_splits(out, pool, split, fingerprints)
         (out / "pool.npy").unlink(missing_ok=True)
         write_json(out / MANIFEST, manifest)
         write_json(out / QUARANTINE, pool.quarantine)
@@ -86,9 +87,9 @@ def _carve(split, y, eligible, target: int, fraction: float, rng) -> None:
         split[rng.permutation(idx)[:k]] = target
 
 
-def find_duplicates(pool: Pool, split: np.ndarray, drop: bool) -> dict:
-    """Exact duplicate images across splits; with `drop`, removed from the later split."""
-    digest = _row_hashes(pool.x, pool.rows)
+def find_duplicates(pool: Pool, split: np.ndarray, digest: np.ndarray, drop: bool) -> dict:
+    """Exact duplicate images across splits (`digest`: _row_hashes); with `drop`, removed from
+    the later split."""
     order = np.lexsort((split, digest))  # by content, then earliest split first
     starts = np.flatnonzero(np.r_[True, digest[order][1:] != digest[order][:-1]])
     sizes = np.diff(np.r_[starts, len(order)])
@@ -129,50 +130,51 @@ def _row_hashes(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def _write_splits(out: Path, pool: Pool, split: np.ndarray) -> dict:
-    """Each split's arrays, with their content hashes and the train statistics computed from
-    the same chunks on their way to disk: one pass over the pixels instead of four."""
+def _write_splits(out: Path, pool: Pool, split: np.ndarray, fingerprints: np.ndarray) -> dict:
+    """Each split's arrays and content hash, and the train statistics, computed from the same
+    chunks on their way to disk in a thread of their own (numpy releases the GIL)."""
     num, counts, hashes = {}, {}, {}
     stats = ChannelStats(pool.x.shape[1:])
-    with ThreadPoolExecutor(max_workers=1) as hasher:
-        for sid, name in enumerate(SPLITS):
-            members = np.flatnonzero(split == sid)
-            labels = pool.y[members]
-            np.save(y_path(out, name), labels)
-            on_chunk = stats.add if name == "train" else None
-            x_digest = _write_rows(pool.x, pool.rows[members], x_path(out, name), hasher, on_chunk)
-            hashes[name] = _file_hash(x_digest, y_path(out, name))
-            num[name] = int(len(members))
-            per_class = np.bincount(labels, minlength=len(pool.classes))
-            counts[name] = {c: int(n) for c, n in zip(pool.classes, per_class, strict=True)}
+    for sid, name in enumerate(SPLITS):
+        members = np.flatnonzero(split == sid)
+        labels = pool.y[members]
+        np.save(y_path(out, name), labels)
+        _write_rows(pool.x, pool.rows[members], x_path(out, name),
+                    stats.add if name == "train" else None)
+        hashes[name] = _content_hash(fingerprints[members], labels, pool.x.shape[1:])
+        num[name] = int(len(members))
+        per_class = np.bincount(labels, minlength=len(pool.classes))
+        counts[name] = {c: int(n) for c, n in zip(pool.classes, per_class, strict=True)}
     mean, std = stats.result()
     return {"num": num, "counts": counts, "hashes": hashes,
             "mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std]}
 
 
-def _write_rows(images: np.ndarray, rows: np.ndarray, path: Path, hasher, on_chunk) -> bytes:
+def _write_rows(images: np.ndarray, rows: np.ndarray, path: Path, on_chunk=None) -> None:
     """images[rows] saved at `path` as np.save would, in chunks so memory stays flat for a
-    memory-mapped source; returns the file's sha256. Each chunk is hashed in a thread (hashlib
-    releases the GIL) while the next one is gathered, and handed to `on_chunk` while in cache."""
+    memory-mapped source; `on_chunk` sees each chunk in a thread while the next is gathered."""
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {
         "descr": np.lib.format.dtype_to_descr(images.dtype), "fortran_order": False,
         "shape": (len(rows), *images.shape[1:])})
-    digest = hashlib.sha256(header.getvalue())
-    pending = None
-    with open(path, "wb") as f:
+    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as lane:
         f.write(header.getvalue())
+        pending = None
         for i in range(0, len(rows), CHUNK):
             chunk = np.ascontiguousarray(images[rows[i : i + CHUNK]])
             f.write(chunk.data)
             if pending:
-                pending.result()  # at most two chunks alive, and the digest sees them in order
-            pending = hasher.submit(digest.update, chunk.data)
-            if on_chunk:
-                on_chunk(chunk)
+                pending.result()  # at most two chunks alive, and seen in order
+            pending = lane.submit(on_chunk, chunk) if on_chunk else None
         if pending:
             pending.result()
-    return digest.digest()
+
+
+def _content_hash(fingerprints: np.ndarray, labels: np.ndarray, shape: tuple) -> str:
+    digest = hashlib.sha256(repr((len(labels), *shape)).encode())
+    digest.update(np.ascontiguousarray(fingerprints, "<u8").data)
+    digest.update(np.ascontiguousarray(labels, "<i8").data)
+    return digest.hexdigest()
 
 
 class ChannelStats:
@@ -184,31 +186,24 @@ class ChannelStats:
     def __init__(self, shape: tuple[int, ...]):
         self.channels, self.width = shape[-1], int(np.prod(shape))
         self.sums = np.zeros((2, self.width), np.uint64)
-        self.square = np.empty((self.BLOCK, self.width), np.uint16)
+        self.block = np.empty((self.BLOCK, self.width), np.uint16)
         self.n = 0
 
     def add(self, x: np.ndarray) -> None:
         pixels = x.reshape(-1, self.width)
         self.n += len(pixels)
         for i in range(0, len(pixels), self.BLOCK):
-            block = pixels[i : i + self.BLOCK]
+            block = self.block[: len(pixels[i : i + self.BLOCK])]
+            block[...] = pixels[i : i + self.BLOCK]
             self.sums[0] += block.sum(0, dtype=np.uint16)
-            square = self.square[: len(block)]
-            np.multiply(block, block, out=square, dtype=np.uint16)  # 255² fits 16 bits
-            self.sums[1] += square.sum(0, dtype=np.uint32)
+            block *= block  # 255² fits 16 bits
+            self.sums[1] += block.sum(0, dtype=np.uint32)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         n = max(1, self.n * self.width // self.channels)
         total = self.sums.reshape(2, -1, self.channels).sum(1).astype(np.float64)
         mean = total[0] / n / 255
         return mean, np.sqrt(np.maximum(total[1] / n / 255**2 - mean**2, 0.0))
-
-
-def _file_hash(x_digest: bytes, y_file: Path) -> str:
-    """The split's content hash: sha256 over the sha256 of its two files."""
-    with open(y_file, "rb") as f:
-        y_digest = hashlib.file_digest(f, "sha256").digest()
-    return hashlib.sha256(x_digest + y_digest).hexdigest()
 
 
 def _manifest(cfg: Data, pool: Pool, split: np.ndarray, duplicates: dict) -> dict:

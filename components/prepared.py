@@ -4,9 +4,10 @@ Under `paths.prepared`:
 - `{split}_x.npy`: uint8, N×H×W×C, for split in train, val, test (memory-mappable; N may be 0);
 - `{split}_y.npy`: int64 class indices, N;
 - `manifest.json`: classes (with indices), image_size [H, W], channels, per-channel mean and std
-  of train (0–1 scale), counts per class per split, a content hash per split (sha256 over the
-  sha256 digests of its x and y .npy files), source, seed, and the file accounting of an image
-  folder, and the exact duplicates found across splits;
+  of train (0–1 scale), counts per class per split, a content hash per split (sha256 over its
+  images' 64-bit fingerprints in order, its labels and its shape: it changes when any pixel,
+  label or order changes, and costs no extra pass over the pixels), source, seed, the file
+  accounting of an image folder, and the exact duplicates found across splits;
 - `quarantine.json`: every rejected file with its reason.
 """
 
@@ -50,7 +51,16 @@ class Split:
 def load_split(root: str | Path, split: str, mmap: bool = True) -> Split:
     """One split's images and labels; memory-mapped by default so nothing is read until used."""
     mode = "r" if mmap else None
-    return Split(np.load(x_path(root, split), mmap_mode=mode), np.load(y_path(root, split)))
+    return Split(_load_array(x_path(root, split), mode), _load_array(y_path(root, split)))
+
+
+def _load_array(path: Path, mode: str | None = None) -> np.ndarray:
+    # allow_pickle stays False: an object array would unpickle (and run) whatever it holds.
+    try:
+        return np.load(path, mmap_mode=mode, allow_pickle=False)
+    except ValueError as err:
+        raise UserError(f"{path}: not loaded: not a plain numeric array ({err}); run the prepare "
+                        "step again") from None
 
 
 def class_names(manifest: dict[str, Any]) -> list[str]:

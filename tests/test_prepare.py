@@ -4,7 +4,6 @@ a user's folder has. Nothing is mocked; nothing here needs the network."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from components import prepare as prepare_module
 from components.params import Params, UserError, validate
 from components.prepare import PrepareResult, prepare
 from components.prepared import SPLITS, class_names, load_split, read_manifest
@@ -185,13 +185,22 @@ def test_same_seed_gives_the_same_bytes_and_another_seed_another_split(digits, t
     assert union(splits3) == union(splits)  # same images, dealt differently
 
 
-def test_hash_is_of_the_split_files(digits):
+def test_hash_is_of_the_split_contents(digits):
+    """The manifest's hash can be checked against the files, and one changed pixel or label
+    changes it."""
     out, _, manifest, _ = digits
     for s in SPLITS:
-        digest = hashlib.sha256()
-        for part in "xy":
-            digest.update(hashlib.sha256((out / f"{s}_{part}.npy").read_bytes()).digest())
-        assert manifest["hashes"][s] == digest.hexdigest()
+        x, y = np.load(out / f"{s}_x.npy"), np.load(out / f"{s}_y.npy")
+        rows = np.arange(len(y))
+        assert prepare_module._content_hash(
+            prepare_module._row_hashes(x, rows), y, x.shape[1:]) == manifest["hashes"][s]
+        x[0, 0, 0, 0] ^= 1
+        assert prepare_module._content_hash(
+            prepare_module._row_hashes(x, rows), y, x.shape[1:]) != manifest["hashes"][s]
+        x[0, 0, 0, 0] ^= 1
+        y[0] = (y[0] + 1) % 10
+        assert prepare_module._content_hash(
+            prepare_module._row_hashes(x, rows), y, x.shape[1:]) != manifest["hashes"][s]
 
 
 def test_fractions_are_honoured(tmp_path):
