@@ -60,10 +60,15 @@ define start
 		sleep 1; done; echo "$(1) did not answer at $(3)"; exit 1
 endef
 
+# The servers' databases: SQLite files under .stack unless the environment names others, e.g.
+# PostgreSQL: MLFLOW_BACKEND_STORE_URI=postgresql+psycopg2://USER:PASSWORD@HOST:5432/mlflow and
+# PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://USER:PASSWORD@HOST:5432/prefect.
+# Both servers read them from the environment: no password on a command line.
+stack-up: export MLFLOW_BACKEND_STORE_URI ?= sqlite:///$(abspath $(STACK))/mlflow.db
 stack-up: install
 	mkdir -p $(STACK)/workspace $(STACK)/prefect
 	$(call start,prefect-server,$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT),http://127.0.0.1:$(PREFECT_PORT)/api/health)
-	$(call start,mlflow,$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 --backend-store-uri sqlite:///$(abspath $(STACK))/mlflow.db --artifacts-destination $(abspath $(STACK))/mlartifacts --serve-artifacts,http://127.0.0.1:$(MLFLOW_PORT)/health)
+	$(call start,mlflow,$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 --artifacts-destination $(abspath $(STACK))/mlartifacts --serve-artifacts,http://127.0.0.1:$(MLFLOW_PORT)/health)
 	@for pool in local gpu; do $(STACK_ENV) prefect work-pool inspect $$pool > /dev/null 2>&1 || \
 		$(STACK_ENV) prefect work-pool create $$pool --type process > /dev/null; \
 		echo "work pool $$pool (process)"; done

@@ -64,14 +64,17 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def prefect_server(home: Path, timeout: float = 180) -> Iterator[str]:
-    """A Prefect server with its own SQLite database under `home`; yields its API address."""
+def prefect_server(home: Path, timeout: float = 180,
+                   database_url: str | None = None) -> Iterator[str]:
+    """A Prefect server with its own SQLite database under `home` (or the database at
+    `database_url`, e.g. postgresql+asyncpg://...); yields its API address."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_API_DATABASE_CONNECTION_URL":
+            database_url or f"sqlite+aiosqlite:///{home / 'prefect.db'}",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
     }
@@ -83,17 +86,22 @@ def prefect_server(home: Path, timeout: float = 180) -> Iterator[str]:
 
 
 @contextmanager
-def mlflow_server(root: Path, port: int | None = None, timeout: float = 120) -> Iterator[str]:
-    """An MLflow server (SQLite backend, proxied artifacts) under `root`; yields its URI."""
+def mlflow_server(root: Path, port: int | None = None, timeout: float = 120,
+                  backend_store_uri: str | None = None, workers: int = 1) -> Iterator[str]:
+    """An MLflow server (SQLite backend under `root`, or `backend_store_uri`, e.g.
+    postgresql+psycopg2://...; artifacts proxied into `root`); yields its URI."""
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     uri = f"http://127.0.0.1:{port}"
     cmd = [
         str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts", "--workers", "1",
+        "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+        "--workers", str(workers),
     ]
-    with _server(cmd, f"{uri}/health", root / "server.log", dict(os.environ), timeout):
+    # From the environment, like `make stack-up`: a database password stays off the command line.
+    env = {**os.environ,
+           "MLFLOW_BACKEND_STORE_URI": backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"}
+    with _server(cmd, f"{uri}/health", root / "server.log", env, timeout):
         yield uri
 
 
