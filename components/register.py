@@ -47,7 +47,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from components.atomic import write_json
-from components.checkpoint import load_model, scale_shift
+from components.checkpoint import load_model, resolve_model_uri, scale_shift
 from components.params import Params, Register, UserError, run_step
 from components.prepared import Split, class_names, load_split, read_manifest
 from components.tracking import Tracker, lineage
@@ -380,12 +380,14 @@ def _champion_scores(client: MlflowClient, name: str, champion: str, scores: Sco
     recorded = Scores(**json.loads(raw)) if raw else None
     if recorded is not None and recorded.test_hash == scores.test_hash:
         return recorded, False
-    import mlflow.pyfunc
-
-    model = mlflow.pyfunc.load_model(f"models:/{name}/{champion}")
-    meta = model.metadata.metadata or {}
-    classes = meta.get("classes") or (recorded.classes if recorded else scores.classes)
-    return score(model.predict, test, list(classes), scores.test_hash), True
+    # Its model.pt (logged beside it; weights only, hash checked), not mlflow.pyfunc.load_model:
+    # that puts a model's logged code first on sys.path and imports the loader its MLmodel names
+    # before any pickle check, so an altered registry entry would run code in this step.
+    net, meta = load_model(resolve_model_uri(f"models:/{name}/{champion}"))
+    model = Classifier(net, meta)
+    with torch.no_grad():
+        return score(lambda x: model(torch.from_numpy(x)).numpy(), test, list(meta["classes"]),
+                     scores.test_hash), True
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ assigned it, if any. prepare decides the final splits and writes them.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 from dataclasses import dataclass, field
 from functools import partial
@@ -120,7 +121,12 @@ def _trusting(cls: type) -> type:
     class Trusting(cls):
         def _check_integrity(self) -> bool:
             folder, names = folder_of(self.root)
-            return all((folder / n).is_file() for n in names)
+            if not all((folder / n).is_file() for n in names):
+                return False
+            if hasattr(cls, "train_list"):  # CIFAR's files are pickles, read with pickle.load
+                for name in names:
+                    _check_plain_pickle(folder / name)
+            return True
 
         def _load_meta(self) -> None:
             # CIFAR checks the meta file's md5 here, apart from _check_integrity; md5 None: exists.
@@ -128,6 +134,34 @@ def _trusting(cls: type) -> type:
             super()._load_meta()
 
     return Trusting
+
+
+# What CIFAR's pickles may name: numpy arrays and their dtypes (old and new numpy module paths)
+# and the codec Python 3 uses for Python 2 strings. Dicts, lists, strings and numbers need none.
+PLAIN_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in PLAIN_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which data never needs")
+        return super().find_class(module, name)
+
+
+def _check_plain_pickle(path: Path) -> None:
+    """Refuse a pickle that would run code when loaded: without the upstream md5 sums (see
+    `_trusting`) nothing else stops a crafted file, so each file is read once first by an
+    unpickler that builds only numpy arrays and plain values, and never calls anything else."""
+    try:
+        with open(path, "rb") as f:
+            _PlainUnpickler(f, encoding="latin1").load()
+    except Exception as err:  # UnpicklingError, EOFError, ...: not a data file either way
+        raise UserError(f"{path}: not loaded: not a plain data pickle ({err}). Replace it with "
+                        "the dataset's own file") from None
 
 
 def _missing_message(cfg: Data, folder: Path, missing: list[str], why: str) -> str:

@@ -16,9 +16,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, create_model, model_validator
 
-from components.params import DEFAULT_PARAMS, Params, load_params
+from components.params import DEFAULT_PARAMS, Params, load_params, no_secrets
 
 
 def _overrides_model(section: type[BaseModel]) -> type[BaseModel]:
@@ -32,6 +32,8 @@ def _overrides_model(section: type[BaseModel]) -> type[BaseModel]:
         f"{section.__name__}Overrides",
         __config__=ConfigDict(extra="forbid", frozen=True),
         __doc__=f"Overrides of params.yaml's `{section.__name__.lower()}` section.",
+        # A credential-like key is refused as such, before "unknown key" (components/params.py).
+        __validators__={"no_secrets": model_validator(mode="before")(no_secrets)},
         **fields,
     )
 

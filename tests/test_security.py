@@ -1,0 +1,420 @@
+"""Security: no credential in the settings or in what tracking logs from them, local servers on
+loopback only, and no load path that runs pickled code.
+
+- Secrets: a setting named like a credential, or whose text carries one (user:password@ in an
+  address), is refused before any work, in params.yaml, in --set overrides and in the flow's
+  parameters, with a message that names the key, repeats no secret and points to the
+  environment. A tracked run's params and tags are checked for both with a real MLflow server.
+- Servers: the servers and the worker that tests/servers.py starts (as `make stack-up` does) are
+  asked which sockets they listen on (/proc/net/tcp and tcp6, by socket inode of their processes).
+- Pickles: a "checkpoint" whose unpickling creates a canary file, with a matching .sha256 beside
+  it (so it is the loader that must refuse, not the hash), is fed to every public load path; each
+  raises a UserError and the canary never appears. Likewise an object-array .npy as prepared
+  data, a crafted CIFAR batch, and a registered model whose MLmodel would import planted code.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import ipaddress
+import os
+import pickle
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from components import checkpoint as ckpt
+from components.params import (
+    ParamsError,
+    UserError,
+    credential_name,
+    flatten,
+    load_params,
+    run_step,
+    secrets_in,
+)
+from tests.servers import BIN, mlflow_server, prefect_server, prefect_worker
+
+PROJECT = Path(__file__).resolve().parents[1]
+SECRET = "hunter2-canary"  # never to appear in a message, a param or a tag
+
+
+# --- secrets in settings ------------------------------------------------------------------------
+
+
+def refusal(tmp_path: Path, text: str, overrides: list[str] = ()) -> str:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as info:
+        load_params(path, list(overrides))
+    message = str(info.value)
+    assert SECRET not in message, message
+    assert "unknown key" not in message  # this message, not the generic one
+    assert "environment" in message and "MLFLOW_TRACKING_PASSWORD" in message
+    assert "AWS_SECRET_ACCESS_KEY" in message
+    return message
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    (f"model:\n  api_token: {SECRET}\n", "model.api_token"),
+    (f"register:\n  mlflow_password: {SECRET}\n", "register.mlflow_password"),
+    (f"data:\n  AccessKeyId: {SECRET}\n", "data.AccessKeyId"),
+    (f"aws_secret_access_key: {SECRET}\n", "aws_secret_access_key"),
+    (f"train:\n  epochs: 2\n  auth: {{user: me, pass: {SECRET}}}\n", "train.auth"),
+])
+def test_a_credential_named_setting_in_the_file_is_refused(tmp_path, key, text):
+    assert key in refusal(tmp_path, text)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    (f"train.password={SECRET}", "train.password"),
+    (f"model.private_key={SECRET}", "model.private_key"),
+    (f"model.checkpoint=http://bob:{SECRET}@mlflow.example:5000/model.pt", "model.checkpoint"),
+    (f"model.checkpoint=https://{SECRET}@models.example/m.pt", "model.checkpoint"),  # a token
+    (f"register.experiment=-----BEGIN RSA PRIVATE KEY-----{SECRET}", "register.experiment"),
+])
+def test_a_credential_in_an_override_is_refused(tmp_path, override, key):
+    assert key in refusal(tmp_path, "train:\n  epochs: 2\n", [override])
+
+
+def test_a_credential_in_a_file_value_is_refused(tmp_path):
+    message = refusal(tmp_path, f"data:\n  root: s3://bob:{SECRET}@bucket/raw\n")
+    assert "data.root" in message and "s3://***@bucket/raw" in message
+    message = refusal(tmp_path, f"data:\n  root: /data/AKIAABCDEFGHIJKLMNOP/{SECRET}\n")
+    assert "data.root" in message and "AWS access key" in message
+
+
+def test_names_are_judged_by_whole_words():
+    for name in ("api_token", "mlflowPassword", "APIKey", "access_key_id", "client_secret",
+                 "passwd", "credentials", "oauth_token", "auth"):
+        assert credential_name(name), name
+    for name in ("author", "tokenizer", "max_tokens", "keyword", "checkpoint", "model_name",
+                 "primary_metric", "secretary", "authority"):
+        assert not credential_name(name), name
+    # Addresses without a user part are settings like any other.
+    assert secrets_in({"model": {"checkpoint": "models:/digits@champion"},
+                       "data": {"root": "https://example.org/data@v2/x"}}) == []
+
+
+def test_the_command_line_refuses_before_any_work(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 2\n")
+    ran = []
+    with pytest.raises(SystemExit) as info:
+        run_step(ran.append, ["--params", str(tmp_path / "params.yaml"),
+                              "--set", f"model.api_key={SECRET}"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and not ran
+    assert "model.api_key" in err and SECRET not in err
+
+
+def test_the_flow_parameters_are_refused_the_same_way(tmp_path):
+    """The flow's typed overrides (what Prefect validates a run's parameters against) and the
+    merge into the file (flows.settings.resolve, what the flow calls) both refuse."""
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.pipeline import training_pipeline
+    from flows.settings import resolve
+
+    for model in ({"api_token": SECRET}, {"checkpoint": f"http://u:{SECRET}@host/m.pt"}):
+        with pytest.raises(ParameterTypeError) as info:
+            training_pipeline.validate_parameters({"model": model})
+        message = str(info.value)
+        assert "MLFLOW_TRACKING_PASSWORD" in message and SECRET not in message
+    (tmp_path / "params.yaml").write_text(f"model:\n  checkpoint: http://u:{SECRET}@h/m.pt\n")
+    with pytest.raises(ParamsError, match="model.checkpoint"):
+        resolve(tmp_path / "params.yaml")
+
+
+# --- servers on loopback ------------------------------------------------------------------------
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                # The fields after the command's closing parenthesis: state, ppid, pgrp, session.
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == sid:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def _socket_inodes(pids: list[int]) -> set[str]:
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    found = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(fd))
+                    if found:
+                        inodes.add(found.group(1))
+    return inodes
+
+
+def _address(hex_addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    raw = bytes.fromhex(hex_addr)
+    # /proc/net prints each 32-bit word in host (little-endian) order.
+    return ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+
+
+def listening(sid: int) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket that the processes of session `sid` listen on."""
+    inodes = _socket_inodes(_session_pids(sid))
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                addr, port = cols[1].split(":")
+                found.append((str(_address(addr)), int(port, 16)))
+    return found
+
+
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def _server_session(port: int) -> int:
+    """The session of the server process started with `--port <port>` (servers.py starts each
+    server in a session of its own, so its workers share it)."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"--port" in cmd and cmd[cmd.index(b"--port") + 1] == str(port).encode():
+                return os.getsid(int(entry.name))
+    raise AssertionError(f"no process started with --port {port}")
+
+
+@pytest.mark.slow
+def test_local_servers_and_worker_listen_on_loopback_only(tmp_path):
+    with prefect_server(tmp_path / "prefect") as api, mlflow_server(tmp_path / "mlflow") as uri:
+        env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "home")}
+        subprocess.run([str(BIN / "prefect"), "work-pool", "create", "sec", "--type", "process"],
+                       env=env, check=True, capture_output=True, timeout=300)
+        (tmp_path / "w").mkdir()
+        with prefect_worker("sec", tmp_path / "w", env, "sec-worker") as worker:
+            seen = {}
+            for name, base in (("prefect", api), ("mlflow", uri)):
+                port = int(re.search(r":(\d+)", base.split("//")[1]).group(1))
+                seen[name] = listening(_server_session(port))
+                assert ("127.0.0.1", port) in seen[name], seen  # the reading itself works
+            seen["worker"] = listening(worker.pid)
+    exposed = {name: [s for s in socks if not _loopback(s[0])] for name, socks in seen.items()}
+    assert not any(exposed.values()), f"listening beyond loopback: {exposed}"
+
+
+def test_the_stack_commands_bind_loopback():
+    """`make stack-up` (and tests/servers.py) name --host 127.0.0.1 on every server they start."""
+    sources = [(PROJECT / "Makefile").read_text(), (PROJECT / "tests/servers.py").read_text()]
+    starts = [line for text in sources for line in text.splitlines()
+              if re.search(r"server start|mlflow server|\"server\"", line)]
+    assert len(starts) >= 4, starts
+    for line in starts:
+        assert re.search(r"--host\W+127\.0\.0\.1", line), line
+    everything = "\n".join(sources + [(PROJECT / "prefect.yaml").read_text()])
+    assert "0.0.0.0" not in everything
+
+
+# --- pickled code -------------------------------------------------------------------------------
+
+
+class Canary:
+    """Unpickling this opens (so creates) the canary file: the least any payload could do."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return builtins.open, (self.path, "w")
+
+
+def _seal(path: Path) -> Path:
+    """The .sha256 beside `path`, as checkpoint.save writes it: the hash check passes."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    ckpt.sha256_path(path).write_text(f"{digest}  {path.name}\n")
+    return path
+
+
+def _model_file(canary: Path) -> dict:
+    return {"format": ckpt.MODEL_FORMAT, "model": {"name": "simple_cnn", "kwargs": {}},
+            "classes": ["0", "1"], "image_size": [8, 8], "channels": 1,
+            "mean": [0.5], "std": [0.5], "state_dict": Canary(canary)}
+
+
+WRITERS = {  # every format torch.load accepts, each carrying the payload
+    "zip": lambda obj, path: torch.save(obj, path),
+    "legacy": lambda obj, path: torch.save(obj, path, _use_new_zipfile_serialization=False),
+    "pickle": lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=2)),
+}
+
+
+@pytest.fixture(params=list(WRITERS))
+def malicious(request, tmp_path) -> tuple[Path, Path]:
+    """(model.pt with the payload and a matching .sha256, the canary it would create)."""
+    canary = tmp_path / "canary"
+    path = tmp_path / "bad" / "model.pt"
+    path.parent.mkdir()
+    WRITERS[request.param](_model_file(canary), path)
+    return _seal(path), canary
+
+
+def test_the_payload_works_when_unpickled(tmp_path):
+    """So that the canary staying away below means the loader refused."""
+    canary = tmp_path / "canary"
+    for kind, write in WRITERS.items():
+        write(_model_file(canary), tmp_path / "m.pt")
+        if kind == "pickle":
+            pickle.loads((tmp_path / "m.pt").read_bytes())
+        else:
+            torch.load(tmp_path / "m.pt", weights_only=False)
+        assert canary.exists(), kind
+        canary.unlink()
+
+
+def _refused(load, canary: Path) -> str:
+    with pytest.raises(UserError) as info:
+        load()
+    assert not canary.exists(), "the pickled code ran"
+    return str(info.value)
+
+
+def test_checkpoint_load_refuses_pickled_code(malicious):
+    path, canary = malicious
+    assert "cannot be read safely" in _refused(lambda: ckpt.load(path), canary)
+    # as train's resume reads checkpoints/last.pt
+    path.rename(path.with_name("last.pt"))
+    _seal(path.with_name("last.pt"))
+    _refused(lambda: ckpt.load(path.with_name("last.pt")), canary)
+
+
+def test_load_model_refuses_pickled_code(malicious):
+    path, canary = malicious
+    assert str(path) in _refused(lambda: ckpt.load_model(path), canary)
+    ckpt.sha256_path(path).unlink()  # model files may come without one: the loader alone
+    _refused(lambda: ckpt.load_model(path), canary)
+
+
+def test_train_start_checkpoint_refuses_pickled_code(malicious):
+    """model.checkpoint goes through checkpoint.init_from (what train calls to start from it)."""
+    path, canary = malicious
+    message = _refused(lambda: ckpt.init_from(str(path), "simple_cnn",
+                                              {"in_chans": 1, "img_size": 8}, ["0", "1"]),
+                       canary)
+    assert "model.checkpoint" in message
+
+
+def test_predict_refuses_pickled_code(malicious, tmp_path):
+    from components.predict import predict
+
+    path, canary = malicious
+    params = load_params(PROJECT / "params.yaml",
+                         [f"paths.predictions={tmp_path / 'predictions'}"])
+    (tmp_path / "inbox").mkdir()
+    _refused(lambda: predict(params, tmp_path / "inbox", model_uri=str(path)), canary)
+    assert not (tmp_path / "predictions").exists()
+
+
+def test_prepared_data_refuses_object_arrays(tmp_path):
+    from components.prepared import load_split, x_path, y_path
+
+    canary = tmp_path / "canary"
+    root = tmp_path / "prepared"
+    root.mkdir()
+    np.save(x_path(root, "train"), np.array([Canary(canary), 1], dtype=object), allow_pickle=True)
+    np.save(y_path(root, "train"), np.zeros(2, np.int64))
+    for mmap in (True, False):
+        assert "train_x.npy" in _refused(lambda m=mmap: load_split(root, "train", mmap=m), canary)
+
+
+def test_cifar_files_refuse_pickled_code(tmp_path):
+    from components.prepare import prepare
+    from tests.formats import write_cifar10
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    write_cifar10(tmp_path / "raw", (images, np.arange(20) % 10), (images[:10], np.arange(10)))
+    batch = tmp_path / "raw/cifar-10-batches-py/data_batch_1"
+    assert batch.is_file()
+    canary = tmp_path / "canary"
+    batch.write_bytes(pickle.dumps({"data": Canary(canary), "labels": [0]}, protocol=2))
+    params = load_params(PROJECT / "params.yaml", [
+        "data.source=cifar10", f"data.root={tmp_path / 'raw'}", "data.download=false",
+        f"paths.prepared={tmp_path / 'prepared'}"])
+    message = _refused(lambda: prepare(params), canary)
+    assert "data_batch_1" in message and "io.open" in message
+
+
+@pytest.mark.slow
+def test_register_rescores_a_champion_without_running_its_code(tmp_path, monkeypatch):
+    """A registered version whose MLmodel names planted code as its pyfunc loader (which
+    mlflow.pyfunc.load_model would import, no pickle needed) and whose model.pt carries the
+    payload: the gate's rescoring of it runs neither."""
+    from mlflow import MlflowClient
+
+    from components.prepared import Split
+    from components.register import Scores, _champion_scores
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    canary, imported = tmp_path / "canary", tmp_path / "imported"
+    model = tmp_path / "model"
+    (model / "code").mkdir(parents=True)
+    (model / "code" / "planted_loader.py").write_text(
+        f"open({str(imported)!r}, 'w')\n\ndef _load_pyfunc(path):\n    raise SystemExit\n")
+    (model / "MLmodel").write_text(yaml.safe_dump({"flavors": {"python_function": {
+        "loader_module": "planted_loader", "code": "code", "python_version": "3.11"}}}))
+    (model / "extra_files").mkdir()
+    torch.save(_model_file(canary), model / "extra_files" / "model.pt")
+    _seal(model / "extra_files" / "model.pt")
+
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("sec", artifact_location=(tmp_path / "art").as_uri())
+    run = client.create_run(experiment).info.run_id
+    client.log_artifacts(run, str(model), "model")
+    client.create_registered_model("sec")
+    client.create_model_version("sec", source=f"runs:/{run}/model", run_id=run)
+
+    test = Split(np.zeros((2, 8, 8, 1), np.uint8), np.zeros(2, np.int64))
+    ours = Scores("this-test-split", ["0", "1"], {"accuracy": 1.0}, [1.0, 1.0])
+    with pytest.raises(UserError):
+        _champion_scores(client, "sec", "1", ours, test)
+    assert not canary.exists() and not imported.exists()
+
+
+# --- what tracking logs -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tracked_params_and_tags_carry_no_credential(tmp_path, monkeypatch):
+    """A run started the way train starts it, against a real server, with the credentials where
+    the refusal says they go (the environment): its params are exactly the validated settings,
+    and no param, tag or file the run leaves behind holds the password."""
+    from components.tracking import RUN_FILE, Tracker
+    from tests.test_tracking import make_project
+
+    root = make_project(tmp_path / "project", dvc=False)
+    with mlflow_server(tmp_path / "mlflow") as uri:
+        monkeypatch.chdir(root)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+        params = load_params()
+        tracker = Tracker.start(params)
+        tracker.close()
+        data = tracker.client.get_run(tracker.run_id).data
+    assert data.params == {k: str(v) for k, v in flatten(params).items()}
+    assert secrets_in(data.params) == [] and secrets_in(data.tags) == []
+    logged = [*data.params.items(), *data.tags.items()]
+    assert not [kv for kv in logged if SECRET in str(kv)]
+    assert SECRET not in (Path(params.paths.train) / RUN_FILE).read_text()
