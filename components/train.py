@@ -16,6 +16,14 @@ settings, policy, data and code, and ends exactly where an uninterrupted run wou
 When any of those changed, the run starts fresh and says what changed: `dvc exp run
 --set-param train.lr=...` must train a new model, not refuse. `never` always starts fresh.
 
+Several devices (train.devices > 1 or auto): train() launches torchrun and tracks, the workers
+train (components.ddp says who does what). Each epoch's order comes from (seed, epoch) and is the
+same on every rank; each global batch of train.batch_size images is cut in one share per rank,
+the gradients are averaged by DDP, the metrics summed over the ranks, and rank 0 alone writes.
+With models without batch norm or dropout, that is one process's training up to the order of
+float additions (tests/test_ddp.py). Batch norm normalises with each rank's own share, as DDP
+does by default; out of memory on one rank ends the run (the ranks cannot halve alone).
+
 Where the time goes: `_train_epoch` and `_step` are the hot loop. Per step: an index slice of the
 device-resident uint8 data (or a read from the memory map), one fused cast+scale+normalise (or
 cast, augment, normalise), forward, backward, optional clipping, a fused optimizer step, optional
@@ -43,11 +51,12 @@ import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
+from components import batches, ddp, models, transforms
 from components import checkpoint as ckpt
-from components import models, transforms
 from components.atomic import write_json
+from components.batches import Images, load_images
 from components.params import Params, UserError, run_step
-from components.prepared import Split, class_names, load_split, read_manifest
+from components.prepared import class_names, read_manifest
 
 LOG_EVERY = 25  # steps between progress updates and non-finite checks (each one a host sync)
 MIN_BATCH = 2  # halving on out-of-memory stops here: batch norm needs two samples
@@ -85,7 +94,8 @@ class TrainResult:
     device: str
     precision: str
     train_seconds: float  # training time of the epochs run by this call
-    images_per_s: float
+    images_per_s: float  # of all devices together
+    devices: int = 1  # processes (DDP when > 1); batch_size is the global batch over all of them
 
 
 @dataclass
@@ -121,6 +131,8 @@ class Loop:
     val_data: Images
     bad_run: torch.Tensor = None  # consecutive non-finite steps, counted on the device
     worst_run: torch.Tensor = None
+    world: ddp.World = ddp.SINGLE
+    frozen: bool = False  # the backbone's state when `forward` (DDP) was made
 
     def autocast(self):
         if self.amp is None:
@@ -128,48 +140,26 @@ class Loop:
         return torch.autocast(self.device.type, dtype=self.amp)
 
 
-class Images:
-    """One split as uint8 N×C×H×W batches and int64 labels on the training device.
-
-    Resident (it fits train.device_data_mb): copied to the device once, batches are index slices.
-    Otherwise each batch is read from the memory map, rows in ascending order so reads go
-    forward, and copied over (pinned, asynchronously, on a GPU).
-    """
-
-    def __init__(self, split: Split, device: torch.device, fmt, resident: bool):
-        self.n, self.device, self.fmt, self.resident = len(split.y), device, fmt, resident
-        self.y = torch.from_numpy(np.asarray(split.y)).to(device)
-        if resident:
-            # N×H×W×C permuted to N×C×H×W is already channels_last in memory.
-            x = torch.from_numpy(np.array(split.x)).to(device).permute(0, 3, 1, 2)
-            self.x = x.contiguous(memory_format=fmt)
-        else:
-            self.x = split.x
-        self.index_device = device if resident else torch.device("cpu")
-
-    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.resident:
-            return self.x[idx], self.y[idx]
-        idx = idx.sort().values
-        return self._upload(self.x[idx.numpy()]), self.y[idx.to(self.device)]
-
-    def span(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.resident:
-            return self.x[start:stop], self.y[start:stop]
-        return self._upload(self.x[start:stop]), self.y[start:stop]
-
-    def _upload(self, rows: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.array(rows))  # a copy: memory-map slices are read-only
-        if self.device.type == "cuda":
-            x = x.pin_memory()
-        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        return x.contiguous(memory_format=self.fmt)
-
-
 def train(params: Params, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train `params.model` on `params.paths.prepared` with `params.train`; see the module doc."""
+    device, precision = _runtime(params.train)
+    n = ddp.device_count(params.train, device)
+    if n > 1 and not ddp.in_worker():
+        result = TrainResult(**ddp.launch(params, n, [cb.on_epoch_end for cb in callbacks]))
+    else:
+        with ddp.process_group(device) as (world, device):
+            callbacks = callbacks if world.main else ()
+            result = _train(params, device, precision, world, callbacks)
+            ddp.hand_back(Path(params.paths.train), world, asdict(result))
+    for cb in callbacks:
+        if hasattr(cb, "on_train_end"):
+            cb.on_train_end(result)
+    return result
+
+
+def _train(params: Params, device, precision: str, world: ddp.World,
+           callbacks: Sequence[Callback]) -> TrainResult:
     cfg = params.train
-    device, precision = _runtime(cfg)
     out = Path(params.paths.train)
     ckdir = out / "checkpoints"
     manifest = read_manifest(params.paths.prepared)
@@ -177,12 +167,13 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> TrainResult:
     fingerprint = _fingerprint(params, manifest, policy)
     with _deterministic(device):
         _seed(cfg.seed)
-        loop, spec = _build(params, manifest, policy, device, precision)
+        loop, spec = _build(params, manifest, policy, device, precision, world)
         prog = Progress(batch_size=cfg.batch_size)
-        saved = _resume_state(cfg, ckdir, fingerprint)
+        saved = _resume_state(cfg, ckdir, fingerprint, world)
         if saved:
             prog = _restore(loop, saved)
             _say(f"resuming from {ckdir / 'last.pt'} after epoch {prog.epoch}")
+        ddp.announce(out, world, prog.epoch)
         resumed_from, seconds, images = prog.epoch, 0.0, 0
         stopped = _patience_spent(cfg, prog)
         while prog.epoch < cfg.epochs and not stopped:
@@ -192,30 +183,23 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> TrainResult:
             for cb in callbacks:
                 cb.on_epoch_end(prog.epoch, prog.history[-1])
             stopped = _patience_spent(cfg, prog)
-        best = ckpt.load(ckdir / "best.pt")
-        model_path = ckpt.save(out / "model.pt", ckpt.model_file(
-            spec, manifest, best["state_dict"], epoch=best["epoch"], metrics=best["metrics"],
-            ema=loop.ema is not None))
-    result = TrainResult(
-        model_path=str(model_path), history_path=str(out / "history.json"),
+        if world.main:
+            best = ckpt.load(ckdir / "best.pt")
+            ckpt.save(out / "model.pt", ckpt.model_file(
+                spec, manifest, best["state_dict"], epoch=best["epoch"], metrics=best["metrics"],
+                ema=loop.ema is not None))
+    return TrainResult(
+        model_path=str(out / "model.pt"), history_path=str(out / "history.json"),
         checkpoint_dir=str(ckdir), epochs=prog.epoch, best_epoch=prog.best_epoch,
         metric=cfg.early_stopping_metric, best_value=prog.best_value, resumed_from=resumed_from,
-        stopped_early=prog.epoch < cfg.epochs, batch_size=prog.batch_size, device=str(device),
-        precision=precision, train_seconds=round(seconds, 3),
-        images_per_s=round(images / seconds, 1) if seconds else 0.0,
+        stopped_early=prog.epoch < cfg.epochs, batch_size=prog.batch_size,
+        device=device.type if world.distributed else str(device), precision=precision,
+        train_seconds=round(seconds, 3),
+        images_per_s=round(images / seconds, 1) if seconds else 0.0, devices=world.size,
     )
-    for cb in callbacks:
-        if hasattr(cb, "on_train_end"):
-            cb.on_train_end(result)
-    return result
 
 
 def _runtime(cfg) -> tuple[torch.device, str]:
-    if cfg.devices > 1:
-        raise UserError(
-            f"train.devices = {cfg.devices}: training on several devices (DDP through torchrun) "
-            "is not available yet; set train.devices=1"
-        )
     cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not cuda:
         raise UserError("train.device = cuda but no CUDA GPU is visible; set train.device=auto")
@@ -251,20 +235,18 @@ def _seed(seed: int) -> None:
     random.seed(seed)
 
 
-def _build(params: Params, manifest, policy, device, precision) -> tuple[Loop, dict]:
+def _build(params: Params, manifest, policy, device, precision,
+           world: ddp.World) -> tuple[Loop, dict]:
     cfg = params.train
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model, spec = _create_model(params.model, manifest)
     model.to(device=device, memory_format=fmt)
     augment = transforms.make_batch_augment(policy, len(manifest["classes"]))
-    train_split, val_split = (load_split(params.paths.prepared, s) for s in ("train", "val"))
-    if len(train_split.y) == 0:
-        raise UserError(f"{params.paths.prepared}: the train split is empty; prepare more data")
-    resident = train_split.x.nbytes + val_split.x.nbytes <= cfg.device_data_mb * 2**20
+    train_data, val_data = load_images(params.paths.prepared, device, fmt, cfg.device_data_mb)
     scale, shift = ckpt.scale_shift(manifest["mean"], manifest["std"], device)
     loop = Loop(
         cfg=cfg, device=device, amp=AMP[precision], fmt=fmt, model=model,
-        forward=_compiled(model) if cfg.compile else model,
+        forward=_forward(model, cfg, world, device),
         opt=_optimizer(model, cfg),
         scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
         ema=ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema else None,
@@ -273,18 +255,24 @@ def _build(params: Params, manifest, policy, device, precision) -> tuple[Loop, d
         augment=None if augment is transforms._identity else augment,
         scale=scale, shift=shift,
         head=models.head_parameters(model) if cfg.freeze_epochs else [],
-        train_data=Images(train_split, device, fmt, resident),
-        val_data=Images(val_split, device, fmt, resident),
+        train_data=train_data, val_data=val_data,
         bad_run=torch.zeros((), dtype=torch.int64, device=device),
         worst_run=torch.zeros((), dtype=torch.int64, device=device),
+        world=world,
     )
     if cfg.freeze_epochs and not loop.head:
         raise UserError(f"model {params.model.name} has no classifier head to train alone; "
                         "set train.freeze_epochs=0")
-    if not resident:
+    if not train_data.resident:
         _say(f"train+val images exceed train.device_data_mb = {cfg.device_data_mb}: streaming "
              "them from the memory-mapped arrays")
     return loop, spec
+
+
+def _forward(model: torch.nn.Module, cfg, world: ddp.World, device: torch.device):
+    """What the training step calls: the model, in DDP on several devices, compiled if asked."""
+    net = ddp.wrap(model, world, device) if world.distributed else model
+    return _compiled(net) if cfg.compile else net
 
 
 def _compiled(model: torch.nn.Module):
@@ -323,7 +311,8 @@ def _optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     return opt
 
 
-def _resume_state(cfg, ckdir: Path, fingerprint: dict) -> dict | None:
+def _resume_state(cfg, ckdir: Path, fingerprint: dict, world: ddp.World) -> dict | None:
+    """last.pt when it continues this run; every rank reads the same file, rank 0 wrote it."""
     last = ckdir / "last.pt"
     saved = ckpt.load(last) if cfg.resume == "auto" and last.exists() else None
     if saved is not None:
@@ -331,7 +320,8 @@ def _resume_state(cfg, ckdir: Path, fingerprint: dict) -> dict | None:
         if not changed:
             return saved
         _say(f"{last} is from another run (changed: {', '.join(changed)}); starting fresh")
-    if ckdir.exists():
+    ddp.barrier(world)  # every rank is done reading last.pt before rank 0 removes it
+    if world.main and ckdir.exists():
         shutil.rmtree(ckdir)  # a stale best.pt must not outlive its run
     return None
 
@@ -360,20 +350,29 @@ def _run_epoch(loop: Loop, prog: Progress, ckdir: Path) -> dict[str, Any]:
 
 
 def _train_epoch(loop: Loop, prog: Progress, epoch: int, ckdir: Path):
-    cfg, data, dev = loop.cfg, loop.train_data, loop.device
+    cfg, data, dev, world = loop.cfg, loop.train_data, loop.device, loop.world
     _freeze_backbone(loop, epoch <= cfg.freeze_epochs)
-    perm = torch.randperm(data.n).to(data.index_device)  # global generator: restored on resume
+    # The order is the same on every rank; augmentation and dropout draw per rank. Both follow
+    # from (seed, epoch), so a run resumed at an epoch boundary continues the same sequence.
+    perm = batches.epoch_order(data.n, cfg.seed, epoch).to(data.index_device)
+    _seed(batches.epoch_seed(cfg.seed, epoch, world.rank))
     loss_sum = torch.zeros((), device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     good = torch.zeros((), device=dev)
     bar = tqdm(total=data.n, desc=f"epoch {epoch}/{cfg.epochs}", unit="img", disable=None,
                leave=False, file=sys.stderr)
-    t0, i, steps, lr = time.perf_counter(), 0, 0, 0.0
+    t0, i, mine, steps, lr = time.perf_counter(), 0, 0, 0, 0.0
     while i < data.n:
-        idx = perm[i:i + prog.batch_size]
-        lr = _lr(cfg, epoch - 1 + (i + len(idx) / 2) / data.n)
+        batch = perm[i:i + prog.batch_size]  # the global batch; i counts every rank's images
+        if len(batch) < world.size:
+            break  # a last batch too small to share: at most devices-1 images skipped
+        idx = batches.share(batch, world.rank, world.size)
+        lr = _lr(cfg, epoch - 1 + (i + len(batch) / 2) / data.n)
+        # DDP averages the ranks' gradients; this weight makes that the mean over the global
+        # batch when the shares differ in size (a last, uneven batch). 1 otherwise.
+        weight = world.size * len(idx) / len(batch)
         try:
-            loss, hits, bad = _step(loop, *data.rows(idx), lr, prog.step)
+            loss, hits, bad = _step(loop, *data.rows(idx), lr, prog.step, weight)
         except torch.OutOfMemoryError:
             loss = None  # handled outside the except block, which holds the failed step's tensors
         if loss is None:
@@ -382,21 +381,23 @@ def _train_epoch(loop: Loop, prog: Progress, epoch: int, ckdir: Path):
         loss_sum.add_(torch.where(bad, 0.0, loss), alpha=len(idx))
         good.add_(~bad, alpha=len(idx))
         correct.add_(hits)
-        i, steps, prog.step = i + len(idx), steps + 1, prog.step + 1
+        i, mine, steps, prog.step = i + len(batch), mine + len(idx), steps + 1, prog.step + 1
         if steps % LOG_EVERY == 0:
             _check_finite(loop, prog, ckdir)
             if not bar.disable:
                 bar.set_postfix(loss=f"{(loss_sum / good).item():.4f}",
-                                acc=f"{correct.item() / i:.4f}", refresh=False)
+                                acc=f"{correct.item() / mine:.4f}", refresh=False)
                 bar.update(i - bar.n)
     _check_finite(loop, prog, ckdir)
-    mean_loss, hits = (loss_sum / good).item(), correct.item()  # waits for the device
+    sums = torch.stack([loss_sum.double(), good.double(), correct.double()])
+    loss_sum, good, hits = ddp.total(sums, world).tolist()  # waits for the device
     train_s = time.perf_counter() - t0
     bar.close()
-    return mean_loss, hits / data.n, lr, train_s
+    return loss_sum / good if good else math.nan, hits / i, lr, train_s
 
 
-def _step(loop: Loop, xb: torch.Tensor, yb: torch.Tensor, lr: float, step: int):
+def _step(loop: Loop, xb: torch.Tensor, yb: torch.Tensor, lr: float, step: int,
+          weight: float = 1.0):
     """One optimizer step on a uint8 batch; returns on-device (loss, correct, non-finite)."""
     for group in loop.opt.param_groups:
         group["lr"] = lr
@@ -409,7 +410,8 @@ def _step(loop: Loop, xb: torch.Tensor, yb: torch.Tensor, lr: float, step: int):
     with loop.autocast():
         logits = loop.forward(x)
         loss = F.cross_entropy(logits, target, label_smoothing=loop.cfg.label_smoothing)
-    (loop.scaler.scale(loss) if loop.scaler else loss).backward()
+    scaled = loss if weight == 1.0 else loss * weight
+    (loop.scaler.scale(scaled) if loop.scaler else scaled).backward()  # DDP: gradients synced
     if loop.cfg.grad_clip:
         if loop.scaler:
             loop.scaler.unscale_(loop.opt)
@@ -417,6 +419,7 @@ def _step(loop: Loop, xb: torch.Tensor, yb: torch.Tensor, lr: float, step: int):
         bad = ~torch.isfinite(norm)  # catches non-finite gradients of a finite loss too
     else:
         bad = ~torch.isfinite(loss.detach())
+    bad = ddp.any_rank(bad, loop.world)  # one rank's NaN is in everyone's averaged gradients
     if loop.scaler:  # fp16: the scaler skips non-finite steps itself
         loop.scaler.step(loop.opt)
         loop.scaler.update()
@@ -454,9 +457,21 @@ def _freeze_backbone(loop: Loop, frozen: bool) -> None:
         heads = loop.model.get_classifier()
         for h in heads if isinstance(heads, (tuple, list)) else (heads,):
             h.train()
+    if loop.world.distributed and frozen != loop.frozen:
+        loop.forward = _forward(loop.model, loop.cfg, loop.world, loop.device)
+    loop.frozen = frozen
 
 
 def _out_of_memory(loop: Loop, prog: Progress) -> None:
+    world = loop.world
+    if world.distributed:
+        # The ranks step together: one cannot go on with a smaller batch alone.
+        raise UserError(
+            f"out of memory on rank {world.rank} ({loop.device}) at {prog.batch_size // world.size}"
+            f" images per device (train.batch_size = {prog.batch_size} over {world.size} "
+            "devices); lower train.batch_size, use a smaller model or image size, or "
+            "train.precision=bf16"
+        )
     loop.opt.zero_grad(set_to_none=True)
     if loop.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -488,26 +503,34 @@ def _check_finite(loop: Loop, prog: Progress, ckdir: Path) -> None:
     )
 
 
-@torch.no_grad()
 def _evaluate(loop: Loop, net, data: Images, batch_size: int):
-    """(loss, accuracy) on a split, or (None, None) when it is empty; halves on out-of-memory."""
+    """(loss, accuracy) on a split, or (None, None) when it is empty; each rank scores its part."""
     if data.n == 0:
         return None, None
+    ddp.sync_buffers(net, loop.world)
+    part = batches.part(data.n, loop.world.rank, loop.world.size)
+    loss, correct = ddp.total(_score(loop, net, data, part, batch_size), loop.world).tolist()
+    return loss / data.n, correct / data.n
+
+
+@torch.no_grad()
+def _score(loop: Loop, net, data: Images, part: range, batch_size: int) -> torch.Tensor:
+    """[summed loss, correct] over rows `part`; halves the batch on out-of-memory."""
     net.eval()
     try:
         loss = torch.zeros((), device=loop.device)
         correct = torch.zeros((), dtype=torch.int64, device=loop.device)
-        for i in range(0, data.n, batch_size):
-            xb, yb = data.span(i, i + batch_size)
+        for i in range(part.start, part.stop, batch_size):
+            xb, yb = data.span(i, min(i + batch_size, part.stop))
             x = torch.addcmul(loop.shift, xb, loop.scale).contiguous(memory_format=loop.fmt)
             with loop.autocast():
                 logits = net(x).float()
             loss += F.cross_entropy(logits, yb, reduction="sum")
             correct += (logits.argmax(1) == yb).sum()
-        return loss.item() / data.n, correct.item() / data.n
+        return torch.stack([loss.double(), correct.double()])
     except torch.OutOfMemoryError:
         pass
-    return _evaluate(loop, net, data, _halve(batch_size, "evaluation"))
+    return _score(loop, net, data, part, _halve(batch_size, "evaluation"))
 
 
 def _end_epoch(loop: Loop, prog: Progress, row: dict, ckdir: Path, fingerprint: dict,
@@ -523,6 +546,9 @@ def _end_epoch(loop: Loop, prog: Progress, row: dict, ckdir: Path, fingerprint: 
                   else value < prog.best_value))
     if better:
         prog.best_epoch, prog.best_value = prog.epoch, value
+    if not loop.world.main:
+        return  # every rank keeps the same Progress; rank 0 writes it
+    if better:
         net = loop.ema.module if loop.ema is not None else loop.model
         ckpt.save(ckdir / "best.pt", {"state_dict": net.state_dict(), "epoch": prog.epoch,
                                       "metrics": row})
@@ -564,6 +590,9 @@ def _say(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if ddp.in_worker():  # started by ddp.launch: the parent that started it tracks
+        run_step(ddp.record(train), argv)
+        return
     from components.tracking import tracked  # MLflow is the command line's; train() runs without
 
     run_step(tracked(train), argv)

@@ -431,7 +431,6 @@ def test_early_stopping_ends_the_run_when_the_metric_stalls(tmp_path, data):
 
 
 @pytest.mark.parametrize("override,key", [
-    ("train.devices=2", "train.devices"),
     ("train.precision=fp16", "train.precision"),
     ("train.device=cuda", "train.device"),
     ("model.name=no_such_model", "no_such_model"),
@@ -452,6 +451,7 @@ def test_settings_this_machine_cannot_run_are_refused(tmp_path, data, override, 
     ("train.precision=fp8", "train.precision"),
     ("train.resume=always", "train.resume"),
     ("train.batch_sise=32", "train.batch_sise"),
+    ("train.devices=3", "train.devices"),  # the global batch of 64 does not split in 3
     ("model.checkpoint=x.pt", "pretrained"),
 ])
 def test_bad_settings_are_rejected_naming_the_key(tmp_path, data, override, key):

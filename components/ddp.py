@@ -1,0 +1,311 @@
+"""ddp: the train step on several devices, DistributedDataParallel under torch's own launcher.
+
+`train.devices: N` (or `auto`: every visible GPU, 1 on a machine without one) with N > 1 makes
+`components.train.train` run like this:
+
+- The parent, the process that called train() with its callbacks (the flow's task, or
+  `python -m components.train` with its MLflow tracker), writes the validated settings with the
+  resolved N to `<paths.train>/ddp/params.yaml` and runs (`launch`)
+  `python -m torch.distributed.run --standalone --nproc-per-node N -m components.train --params
+  <that file>`. The console shows rank 0; every rank's output is in its log under `ddp/logs/`.
+  While the workers train, the parent follows history.json and hands each new epoch's row to its
+  callbacks, then reads the result rank 0 wrote and returns it: one process tracks, so there is
+  one MLflow run whatever N is.
+- Each worker (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK) joins the group (`process_group`):
+  NCCL on GPUs, one GPU per local rank; gloo on CPU, with cores // N torch threads each so the
+  processes don't fight over cores. Collectives time out after TIMEOUT_S (TIMEOUT_ENV overrides
+  it), so a rank that hangs ends the run instead of stalling it. Workers run train() without
+  callbacks; the loop wraps the model in DDP, takes its share of each global batch, all-reduces
+  the metrics, and only rank 0 writes history, checkpoints and model.pt.
+- A failure on any rank ends all of them: the rank's exception is recorded by torch.distributed's
+  `record` in its log folder, torchrun stops the other ranks, and the parent raises
+  DistributedTrainingError naming the first rank that failed, its error and its log.
+
+A model registered with timm outside this project (like the fault-injecting models of
+tests/test_ddp.py) is created in the workers too: the parent names the module that registers it
+in MODEL_MODULES_ENV and each worker imports it before building.
+
+    python -m components.train --set train.devices=2     # 2 processes (gloo on a CPU machine)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from timm.models import is_model, model_entrypoint
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.nn.parallel import DistributedDataParallel
+
+from components.atomic import atomic_file, write_json
+from components.params import Params, UserError
+
+__all__ = ["record"]  # main() wraps train in it: a worker's exception lands in its error.json
+
+FOLDER = "ddp"  # under paths.train: params.yaml, started.json, result.json, logs/
+WORKER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+MODEL_MODULES_ENV = "CNN_PIPELINE_MODEL_MODULES"
+TIMEOUT_ENV = "CNN_PIPELINE_DDP_TIMEOUT_S"
+# A collective waits this long for the slowest rank: longer than any one rank works alone
+# (rank 0 saving a checkpoint, the first torch.compile) and as long as NCCL's own default.
+TIMEOUT_S = 600.0
+POLL_S = 1.0  # how often the parent looks for new history rows
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+class DistributedTrainingError(UserError):
+    """A rank failed; the others were stopped. Names the rank, its error and its log."""
+
+    def __init__(self, message: str, rank: int | None, log: Path | None):
+        super().__init__(message)
+        self.rank, self.log = rank, log
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes; (0, 1) without DDP."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+SINGLE = World()
+
+
+def in_worker() -> bool:
+    return any(key in os.environ for key in WORKER_ENV)
+
+
+def device_count(cfg, device: torch.device) -> int:
+    """train.devices resolved: `auto` is every visible GPU on CUDA, 1 on a CPU."""
+    visible = torch.cuda.device_count() if device.type == "cuda" else 0
+    n = max(1, visible) if cfg.devices == "auto" else cfg.devices
+    if visible and n > visible:
+        raise UserError(f"train.devices = {n} but this machine has {visible} CUDA GPU(s); set "
+                        "train.devices=auto, or train.device=cpu for CPU processes")
+    if cfg.batch_size % n:
+        raise UserError(f"train.batch_size = {cfg.batch_size} (the global batch) does not split "
+                        f"evenly over train.devices = {n}; make it a multiple of {n}")
+    return n
+
+
+# --- the parent ------------------------------------------------------------------------------
+
+
+def launch(params: Params, n: int, on_epoch_end: Sequence[Callable]) -> dict[str, Any]:
+    """Run train on `n` processes through torchrun; rank 0's TrainResult fields, as a dict."""
+    folder = Path(params.paths.train) / FOLDER
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    settings = params.model_dump(mode="json")
+    settings["train"]["devices"] = n
+    with atomic_file(folder / "params.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(settings, sort_keys=False))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node", str(n), "--log-dir", str(folder / "logs"),
+           "--redirects", "3", "--tee", "3", "--local-ranks-filter", "0",
+           "-m", "components.train", "--params", str(folder / "params.yaml")]
+    proc = subprocess.Popen(cmd, env=_worker_env(params, n), stdout=2, stderr=2)
+    try:
+        followed = _follow(proc, Path(params.paths.train), on_epoch_end)
+    finally:
+        if proc.poll() is None:  # the parent was interrupted: take the workers down with it
+            proc.terminate()
+            proc.wait()
+    if proc.returncode != 0:
+        raise _failure(folder / "logs", proc.returncode, n, Path(params.paths.train))
+    result = json.loads((folder / "result.json").read_text())
+    after = result["resumed_from"] if followed is None else followed
+    _deliver(Path(params.paths.train), after, result["epochs"], on_epoch_end)
+    return result
+
+
+def _worker_env(params: Params, n: int) -> dict[str, str]:
+    env = dict(os.environ)
+    # torchrun would set 1 thread per process with a warning; cores // n is what each may use.
+    env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // n))
+    # Workers run `-m components.train` from this working directory (relative paths in params
+    # mean the same there); the project must be importable from it.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")]))
+    module = _model_module(params.model.name)
+    if module:
+        env[MODEL_MODULES_ENV] = module
+    return env
+
+
+def _model_module(name: str) -> str | None:
+    """The module that registers `name` with timm, when the workers would not import it."""
+    if not is_model(name):
+        return None  # create_model will say so in the workers, with suggestions
+    module = model_entrypoint(name).__module__
+    if module == "__main__":
+        raise UserError(f"model {name} is registered in the script being run (__main__), which "
+                        "the torchrun workers cannot import; register it in a module instead")
+    return None if module.startswith(("timm.", "components.")) else module
+
+
+def _follow(proc: subprocess.Popen, out: Path, on_epoch_end: Sequence[Callable]) -> int | None:
+    """Hand history rows to the callbacks as rank 0 writes them, until the workers end; the
+    last epoch delivered (None: rank 0 had not said where it started)."""
+    delivered, seen = None, None
+    while True:
+        try:
+            proc.wait(timeout=POLL_S)
+            return delivered
+        except subprocess.TimeoutExpired:
+            pass
+        started = out / FOLDER / "started.json"
+        if delivered is None and started.exists():
+            delivered = json.loads(started.read_text())["resumed_from"]
+        history = out / "history.json"
+        stamp = history.stat().st_mtime_ns if history.exists() else None
+        if delivered is not None and stamp != seen:
+            seen = stamp
+            delivered = _deliver(out, delivered, None, on_epoch_end)
+
+
+def _deliver(out: Path, after: int, upto: int | None, on_epoch_end: Sequence[Callable]) -> int:
+    path = out / "history.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    for row in rows:
+        if row["epoch"] > after and (upto is None or row["epoch"] <= upto):
+            for callback in on_epoch_end:
+                callback(row["epoch"], row)
+            after = row["epoch"]
+    return after
+
+
+def _failure(logs: Path, code: int, n: int, out: Path) -> DistributedTrainingError:
+    last = out / "checkpoints" / "last.pt"
+    kept = (f"the last good checkpoint is {last}; run again to resume from it" if last.exists()
+            else "no checkpoint was written")
+    errors = sorted(_recorded_errors(logs))
+    if not errors:
+        return DistributedTrainingError(
+            f"training on {n} processes failed (torchrun exit code {code}) and no rank recorded "
+            f"an error (killed by a signal? the system's out-of-memory killer?); {kept}. Logs: "
+            f"{logs}", None, None)
+    lost_peer, _, rank, message, log = errors[0]
+    if lost_peer:
+        message += (f" (it lost touch with another rank: one that died without an error, or hung "
+                    f"longer than the {_timeout().total_seconds():.0f} s collective timeout)")
+    return DistributedTrainingError(
+        f"training on {n} processes failed on rank {rank}: {message}\nThe other ranks were "
+        f"stopped; {kept}. Rank {rank}'s log: {log}", rank, log)
+
+
+def _recorded_errors(logs: Path) -> Iterator[tuple[bool, int, int, str, Path]]:
+    """(lost a peer?, when, rank, message, log) per error.json that `record` wrote.
+
+    A rank whose peer died fails too, in a collective, moments later: the first error that is not
+    such a consequence is the cause.
+    """
+    for path in logs.glob("*/attempt_*/*/error.json"):
+        raw = json.loads(path.read_text()).get("message", {})
+        message = raw.get("message", str(raw)) if isinstance(raw, dict) else str(raw)
+        message = message.strip().splitlines()[0] if message.strip() else "(no message)"
+        lost_peer = message.startswith("DistBackendError") or any(
+            word in message.lower() for word in ("gloo", "nccl", "connection closed"))
+        yield lost_peer, path.stat().st_mtime_ns, int(path.parent.name), message, (
+            path.parent / "stderr.log")
+
+
+# --- a worker --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[tuple[World, torch.device]]:
+    """This process in the training group: (its World, its device). SINGLE outside torchrun."""
+    if not in_worker():
+        yield SINGLE, device
+        return
+    world = World(*(int(os.environ[key]) for key in WORKER_ENV))
+    for module in filter(None, os.environ.get(MODEL_MODULES_ENV, "").split(",")):
+        importlib.import_module(module)
+    timeout = _timeout()
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+    else:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
+        dist.init_process_group("gloo", timeout=timeout)
+    try:
+        yield world, device
+    finally:
+        dist.destroy_process_group()
+
+
+def _timeout() -> timedelta:
+    return timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, TIMEOUT_S)))
+
+
+def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
+    """DDP around the parameters that train now (frozen ones are left out: wrap again when that
+    changes, or DDP waits for gradients that never come)."""
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+
+
+def total(values: torch.Tensor, world: World) -> torch.Tensor:
+    """`values` summed over the ranks, in place."""
+    if world.distributed:
+        dist.all_reduce(values)
+    return values
+
+
+def any_rank(flag: torch.Tensor, world: World) -> torch.Tensor:
+    """A boolean tensor, true where it is true on any rank."""
+    if not world.distributed:
+        return flag
+    flag = flag.to(torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.bool()
+
+
+def sync_buffers(module: torch.nn.Module, world: World) -> None:
+    """Rank 0's buffers (batch-norm statistics, each rank's own from its own batches) everywhere,
+    so that every rank validates the weights rank 0 saves."""
+    if world.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def announce(out: Path, world: World, resumed_from: int) -> None:
+    """Rank 0 tells the parent which history rows are new (those after `resumed_from`)."""
+    if world.distributed and world.main:
+        write_json(out / FOLDER / "started.json", {"resumed_from": resumed_from})
+
+
+def hand_back(out: Path, world: World, result: dict[str, Any]) -> None:
+    """Rank 0's result, for the parent to return."""
+    if world.distributed and world.main:
+        write_json(out / FOLDER / "result.json", result)

@@ -1,0 +1,203 @@
+"""train on two processes (DDP through torchrun, gloo on CPU): the result of one process with the
+same global batch; one MLflow run and one checkpoint set; a rank that fails, runs out of memory or
+hangs ends both ranks with an error naming it, the last checkpoint intact, and the run resumes.
+
+Data: scikit-learn's digits (8×8×1, 1295 training images) through the real prepare step, once.
+Every DDP run is the real entry point in a fresh process, as a user starts it, tracked in an
+SQLite MLflow store in the test's folder. The failing models are registered with timm here; the
+process that launches torchrun imports this module, so the workers import it too (components.ddp
+passes the module that registers a model on to them), and a model fails only on rank 1, only in
+epoch 2 (after 25 training steps of that rank: 21 per epoch), only when FAULT_ENV says how.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from mlflow import MlflowClient
+from timm.models import register_model
+
+from components import checkpoint as ckpt
+from components.augment import augment
+from components.params import load_params
+from components.prepare import prepare
+from components.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+FAULT_ENV = "TEST_DDP_FAULT"  # error | oom | hang: what the fake model does on rank 1
+FAILING = ("train.devices=2", "model.name=fake_fails_on_rank_1")
+BOUND_S = 300  # a run that fails must have ended by then (it takes well under a minute)
+
+
+class _FailsOnRank1(nn.Module):
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, **_):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += self.training
+        fault = os.environ.get(FAULT_ENV)
+        if fault and os.environ.get("RANK") == "1" and self.calls > 25:
+            if fault == "oom":
+                raise torch.OutOfMemoryError("simulated: the batch does not fit")
+            if fault == "hang":
+                time.sleep(3600)
+            raise RuntimeError("injected failure on rank 1")
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+@register_model
+def fake_fails_on_rank_1(pretrained=False, **kwargs):
+    return _FailsOnRank1(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("digits")
+    path = root / "params.yaml"
+    path.write_text(f"paths:\n  prepared: {root / 'prepared'}\n  augment: {root / 'augment'}\n")
+    params = load_params(path, ["augment.preset=none"])
+    prepare(params)
+    augment(params)
+    return root
+
+
+def settings(folder: Path, data: Path, *overrides: str):
+    """(params, params.yaml) writing under `folder`: 2 epochs of 64-image global batches."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "params.yaml"
+    path.write_text(
+        f"paths:\n  prepared: {data / 'prepared'}\n  augment: {data / 'augment'}\n"
+        f"  train: {folder / 'train'}\n"
+        "augment:\n  preset: none\n"
+        "train:\n  epochs: 2\n  batch_size: 64\n  warmup_epochs: 0\n  precision: fp32\n"
+    )
+    return load_params(path, list(overrides)), path
+
+
+def run_cli(path: Path, *overrides: str, fault: str | None = None,
+            timeout_s: int | None = None) -> subprocess.CompletedProcess:
+    """`python -m components.train` as a user runs it, after importing this module (for its
+    models); bounded: a hang fails the test instead of stalling it."""
+    start = "import tests.test_ddp; from components.train import main; main()"
+    args = [sys.executable, "-c", start, "--params", str(path)]
+    for item in overrides:
+        args += ["--set", item]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{path.parent / 'mlflow.db'}",
+           "PYTHONPATH": str(ROOT)}
+    env.pop(FAULT_ENV, None)
+    if fault:
+        env[FAULT_ENV] = fault
+    if timeout_s:
+        env["CNN_PIPELINE_DDP_TIMEOUT_S"] = str(timeout_s)
+    return subprocess.run(args, cwd=path.parent, env=env, capture_output=True, text=True,
+                          timeout=BOUND_S)
+
+
+def runs(folder: Path) -> list:
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    return [(client, run) for exp in client.search_experiments()
+            for run in client.search_runs([exp.experiment_id])]
+
+
+def val_acc_steps(client: MlflowClient, run) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc"))
+
+
+@pytest.fixture(scope="module")
+def two_processes(data, tmp_path_factory):
+    """One DDP run of simple_cnn (no batch norm, no dropout) on 2 gloo processes."""
+    folder = tmp_path_factory.mktemp("ddp")
+    _, path = settings(folder, data)
+    done = run_cli(path, "train.devices=2")
+    assert done.returncode == 0, done.stderr
+    return folder, json.loads(done.stdout)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(two_processes, data, tmp_path):
+    """Same samples per step, the mean over the same global batch: the same training, except the
+    order of float additions (gloo sums the two halves' gradients; one process sums 64 rows in
+    one kernel), which leaves ~1e-7 relative differences per step that Adam carries on. Measured
+    after 2 epochs (42 steps): weights within 2e-4 (of weights up to ~0.4), losses within 1e-5,
+    the same accuracies. Bounds 1e-3 and 0.01 leave room for other CPUs' kernels; a wrong share
+    (a rank skipping or repeating images) or an unscaled loss moves them by far more."""
+    folder, result = two_processes
+    assert result["devices"] == 2 and result["batch_size"] == 64 and result["epochs"] == 2
+    params, _ = settings(tmp_path, data)
+    one = train(params)
+    assert one.devices == 1
+    a = ckpt.load(one.model_path)["state_dict"]
+    b = ckpt.load(result["model_path"])["state_dict"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-3), name
+    rows = [json.loads(Path(p).read_text()) for p in (one.history_path, result["history_path"])]
+    for row_one, row_two in zip(*rows, strict=True):
+        assert row_two["lr"] == row_one["lr"]
+        for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
+            assert row_two[key] == pytest.approx(row_one[key], abs=0.01), key
+
+
+def test_one_mlflow_run_and_one_checkpoint_set(two_processes):
+    folder, result = two_processes
+    (client, run), = runs(folder)
+    assert run.info.status == "FINISHED"
+    assert val_acc_steps(client, run) == [1, 2]
+    last_row = json.loads(Path(result["history_path"]).read_text())[-1]
+    assert run.data.metrics["val_loss"] == last_row["val_loss"]
+    assert run.data.tags["train.device"] == "cpu"
+    out = folder / "train"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "best.pt", "best.pt.sha256", "last.pt", "last.pt.sha256"]
+    assert sorted(p.name for p in out.glob("*.pt*")) == ["model.pt", "model.pt.sha256"]
+    assert ckpt.load(out / "checkpoints" / "last.pt")["progress"]["epoch"] == 2
+    assert json.loads((out / "run.json").read_text())["run_id"] == run.info.run_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault,said", [
+    ("error", "RuntimeError: injected failure on rank 1"),
+    ("oom", "out of memory on rank 1 (cpu) at 32 images per device"),
+])
+def test_a_failing_rank_ends_both_keeps_the_last_checkpoint_and_the_run_resumes(
+        tmp_path, data, fault, said):
+    _, path = settings(tmp_path, data)
+    failed = run_cli(path, *FAILING, fault=fault)  # bounded by BOUND_S
+    assert failed.returncode == 2, failed.stderr
+    error = failed.stderr[failed.stderr.index("error: training on 2 processes failed"):]
+    assert "failed on rank 1: " in error and said in error
+    log = Path(error.split("Rank 1's log: ")[1].split()[0])
+    assert log.is_file() and said.split(": ")[-1] in log.read_text()
+    last = tmp_path / "train" / "checkpoints" / "last.pt"
+    assert str(last) in error
+    assert ckpt.load(last)["progress"]["epoch"] == 1  # sha256 checked: whole, from epoch 1
+
+    resumed = run_cli(path, *FAILING)
+    assert resumed.returncode == 0, resumed.stderr
+    result = json.loads(resumed.stdout)
+    assert result["resumed_from"] == 1 and result["epochs"] == 2
+    (client, run), = runs(tmp_path)  # the resumed run logs into the run it started
+    assert val_acc_steps(client, run) == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_run_after_the_collective_timeout(tmp_path, data):
+    _, path = settings(tmp_path, data)
+    failed = run_cli(path, *FAILING, fault="hang", timeout_s=10)  # bounded by BOUND_S
+    assert failed.returncode == 2, failed.stderr
+    error = failed.stderr[failed.stderr.index("error: training on 2 processes failed"):]
+    assert "failed on rank 0: " in error and "lost touch with another rank" in error
+    assert ckpt.load(tmp_path / "train" / "checkpoints" / "last.pt")["progress"]["epoch"] == 1
