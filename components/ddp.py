@@ -146,6 +146,9 @@ def _worker_env(params: Params, n: int) -> dict[str, str]:
     env = dict(os.environ)
     # torchrun would set 1 thread per process with a warning; cores // n is what each may use.
     env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // n))
+    # One host (--standalone): gloo's links between ranks stay on loopback rather than listening
+    # on every interface. (torchrun's rendezvous store still does; see README, Scaling out.)
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     # Workers run `-m components.train` from this working directory (relative paths in params
     # mean the same there); the project must be importable from it.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")]))
