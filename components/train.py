@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import shutil
 import sys
 import time
@@ -45,13 +44,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from components import batches, ddp, models, transforms
+from components import batches, ddp, models, recipe, transforms
 from components import checkpoint as ckpt
 from components.atomic import write_json
 from components.batches import Images, load_images
@@ -142,7 +140,7 @@ class Loop:
 
 def train(params: Params, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train `params.model` on `params.paths.prepared` with `params.train`; see the module doc."""
-    device, precision = _runtime(params.train)
+    device, precision = recipe.runtime(params.train)
     n = ddp.device_count(params.train, device)
     if n > 1 and not ddp.in_worker():
         result = TrainResult(**ddp.launch(params, n, [cb.on_epoch_end for cb in callbacks]))
@@ -165,8 +163,8 @@ def _train(params: Params, device, precision: str, world: ddp.World,
     manifest = read_manifest(params.paths.prepared)
     policy = transforms.load_policy(Path(params.paths.augment) / transforms.POLICY_FILE)
     fingerprint = _fingerprint(params, manifest, policy)
-    with _deterministic(device):
-        _seed(cfg.seed)
+    with recipe.deterministic(device):
+        recipe.seed(cfg.seed)
         loop, spec = _build(params, manifest, policy, device, precision, world)
         prog = Progress(batch_size=cfg.batch_size)
         saved = _resume_state(cfg, ckdir, fingerprint, world)
@@ -199,47 +197,11 @@ def _train(params: Params, device, precision: str, world: ddp.World,
     )
 
 
-def _runtime(cfg) -> tuple[torch.device, str]:
-    cuda = torch.cuda.is_available()
-    if cfg.device == "cuda" and not cuda:
-        raise UserError("train.device = cuda but no CUDA GPU is visible; set train.device=auto")
-    device = torch.device("cuda" if cuda and cfg.device != "cpu" else "cpu")
-    precision = cfg.precision
-    if precision == "auto":
-        # GPUs: bf16 where supported, else fp16 with a grad scaler. CPUs: fp32, because bf16
-        # autocast pays off only for large convolutions on CPUs with native bf16 (set it then).
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError("train.precision = fp16 needs a CUDA GPU; use bf16 or fp32 on a CPU")
-    return device, precision
-
-
-@contextlib.contextmanager
-def _deterministic(device: torch.device):
-    """Deterministic kernels on CPU (where they cost nothing); cuDNN autotuning on GPUs."""
-    before = torch.are_deterministic_algorithms_enabled()
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    else:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
-
-
-def _seed(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def _build(params: Params, manifest, policy, device, precision,
            world: ddp.World) -> tuple[Loop, dict]:
     cfg = params.train
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model, spec = _create_model(params.model, manifest)
+    model, spec = recipe.create_model(params.model, manifest)
     model.to(device=device, memory_format=fmt)
     augment = transforms.make_batch_augment(policy, len(manifest["classes"]))
     train_data, val_data = load_images(params.paths.prepared, device, fmt, cfg.device_data_mb)
@@ -247,7 +209,7 @@ def _build(params: Params, manifest, policy, device, precision,
     loop = Loop(
         cfg=cfg, device=device, amp=AMP[precision], fmt=fmt, model=model,
         forward=_forward(model, cfg, world, device),
-        opt=_optimizer(model, cfg),
+        opt=recipe.optimizer(model, cfg),
         scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
         ema=ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema else None,
         # transforms hands back its identity function when the policy changes nothing: then
@@ -272,43 +234,7 @@ def _build(params: Params, manifest, policy, device, precision,
 def _forward(model: torch.nn.Module, cfg, world: ddp.World, device: torch.device):
     """What the training step calls: the model, in DDP on several devices, compiled if asked."""
     net = ddp.wrap(model, world, device) if world.distributed else model
-    return _compiled(net) if cfg.compile else net
-
-
-def _compiled(model: torch.nn.Module):
-    # Where compiling fails (no C++ compiler, an unsupported op), dynamo falls back to eager
-    # with a warning instead of stopping the run: compile is only ever a speed-up here.
-    torch._dynamo.config.suppress_errors = True
-    return torch.compile(model)
-
-
-def _create_model(mcfg, manifest) -> tuple[torch.nn.Module, dict]:
-    """The model for this data: new, pretrained, or from a model file (new head if need be)."""
-    h, w = manifest["image_size"]
-    kwargs = {"num_classes": len(manifest["classes"]), "in_chans": manifest["channels"],
-              "img_size": h if h == w else (h, w)}
-    if mcfg.checkpoint:
-        model = ckpt.init_from(mcfg.checkpoint, mcfg.name, kwargs, class_names(manifest))
-    else:
-        model = models.create_model(mcfg.name, pretrained=mcfg.pretrained, **kwargs)
-    return model, {"name": mcfg.name, "kwargs": kwargs}
-
-
-def _optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    # No weight decay on biases and norm weights (the 1-d parameters): it only shrinks them.
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
-    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                          nesterov=cfg.momentum > 0, fused=True)
-    if cfg.momentum > 0:
-        # Fused SGD allocates a momentum buffer uninitialised and fills it on the first step; a
-        # skipped first step would leave garbage. Zeros give the same first step.
-        for p in params:
-            opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
-    return opt
+    return recipe.compiled(net) if cfg.compile else net
 
 
 def _resume_state(cfg, ckdir: Path, fingerprint: dict, world: ddp.World) -> dict | None:
@@ -355,7 +281,7 @@ def _train_epoch(loop: Loop, prog: Progress, epoch: int, ckdir: Path):
     # The order is the same on every rank; augmentation and dropout draw per rank. Both follow
     # from (seed, epoch), so a run resumed at an epoch boundary continues the same sequence.
     perm = batches.epoch_order(data.n, cfg.seed, epoch).to(data.index_device)
-    _seed(batches.epoch_seed(cfg.seed, epoch, world.rank))
+    recipe.seed(batches.epoch_seed(cfg.seed, epoch, world.rank))
     loss_sum = torch.zeros((), device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     good = torch.zeros((), device=dev)
@@ -367,7 +293,7 @@ def _train_epoch(loop: Loop, prog: Progress, epoch: int, ckdir: Path):
         if len(batch) < world.size:
             break  # a last batch too small to share: at most devices-1 images skipped
         idx = batches.share(batch, world.rank, world.size)
-        lr = _lr(cfg, epoch - 1 + (i + len(batch) / 2) / data.n)
+        lr = recipe.learning_rate(cfg, epoch - 1 + (i + len(batch) / 2) / data.n)
         # DDP averages the ranks' gradients; this weight makes that the mean over the global
         # batch when the shares differ in size (a last, uneven batch). 1 otherwise.
         weight = world.size * len(idx) / len(batch)
@@ -434,16 +360,6 @@ def _step(loop: Loop, xb: torch.Tensor, yb: torch.Tensor, lr: float, step: int,
     torch.maximum(loop.worst_run, loop.bad_run, out=loop.worst_run)
     labels = target.argmax(1) if target.ndim == 2 else target  # soft targets: mixup/cutmix
     return loss.detach().float(), (logits.detach().argmax(1) == labels).sum(), bad
-
-
-def _lr(cfg, t: float) -> float:
-    """Linear warmup for warmup_epochs, then cosine decay to zero at the end; t in epochs."""
-    warm = min(cfg.warmup_epochs, cfg.epochs)
-    if t < warm:
-        return cfg.lr * t / warm
-    if warm >= cfg.epochs:
-        return cfg.lr
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (t - warm) / (cfg.epochs - warm)))
 
 
 def _freeze_backbone(loop: Loop, frozen: bool) -> None:

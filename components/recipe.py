@@ -1,0 +1,103 @@
+"""recipe: how a training run is set up, apart from the loop that runs it (components/train.py).
+
+The device and precision a run uses, deterministic kernels on CPU, seeding, the model for the
+prepared data (new, pretrained, or from a model file), the optimizer with its parameter groups,
+the learning-rate schedule, and torch.compile. Each reads the `model` or `train` settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+
+import numpy as np
+import torch
+
+from components import checkpoint as ckpt
+from components import models
+from components.params import UserError
+from components.prepared import class_names
+
+
+def runtime(cfg) -> tuple[torch.device, str]:
+    """The device (train.device) and precision (train.precision, `auto` resolved) to train with."""
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise UserError("train.device = cuda but no CUDA GPU is visible; set train.device=auto")
+    device = torch.device("cuda" if cuda and cfg.device != "cpu" else "cpu")
+    precision = cfg.precision
+    if precision == "auto":
+        # GPUs: bf16 where supported, else fp16 with a grad scaler. CPUs: fp32, because bf16
+        # autocast pays off only for large convolutions on CPUs with native bf16 (set it then).
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("train.precision = fp16 needs a CUDA GPU; use bf16 or fp32 on a CPU")
+    return device, precision
+
+
+@contextlib.contextmanager
+def deterministic(device: torch.device):
+    """Deterministic kernels on CPU (where they cost nothing); cuDNN autotuning on GPUs."""
+    before = torch.are_deterministic_algorithms_enabled()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def compiled(model: torch.nn.Module):
+    # Where compiling fails (no C++ compiler, an unsupported op), dynamo falls back to eager
+    # with a warning instead of stopping the run: compile is only ever a speed-up here.
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(model)
+
+
+def create_model(mcfg, manifest) -> tuple[torch.nn.Module, dict]:
+    """The model for this data: new, pretrained, or from a model file (new head if need be)."""
+    h, w = manifest["image_size"]
+    kwargs = {"num_classes": len(manifest["classes"]), "in_chans": manifest["channels"],
+              "img_size": h if h == w else (h, w)}
+    if mcfg.checkpoint:
+        model = ckpt.init_from(mcfg.checkpoint, mcfg.name, kwargs, class_names(manifest))
+    else:
+        model = models.create_model(mcfg.name, pretrained=mcfg.pretrained, **kwargs)
+    return model, {"name": mcfg.name, "kwargs": kwargs}
+
+
+def optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm weights (the 1-d parameters): it only shrinks them.
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                          nesterov=cfg.momentum > 0, fused=True)
+    if cfg.momentum > 0:
+        # Fused SGD allocates a momentum buffer uninitialised and fills it on the first step; a
+        # skipped first step would leave garbage. Zeros give the same first step.
+        for p in params:
+            opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return opt
+
+
+def learning_rate(cfg, t: float) -> float:
+    """Linear warmup for warmup_epochs, then cosine decay to zero at the end; t in epochs."""
+    warm = min(cfg.warmup_epochs, cfg.epochs)
+    if t < warm:
+        return cfg.lr * t / warm
+    if warm >= cfg.epochs:
+        return cfg.lr
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (t - warm) / (cfg.epochs - warm)))
