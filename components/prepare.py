@@ -25,7 +25,9 @@ from components.sources import NO_SPLIT, SPLIT_IDS, Pool, load_source
 
 TRAIN, VAL, TEST = (SPLIT_IDS[s] for s in SPLITS)
 DROPPED = -2
-CHUNK = 8192  # rows handled at a time: bounds memory for folders larger than RAM
+# Bytes of pixels handled at a time (rounded to whole images): memory stays flat for a folder
+# larger than RAM, and a chunk of small images still stays in cache while it is hashed.
+CHUNK_BYTES = 8 << 20
 
 
 @dataclass
@@ -122,12 +124,17 @@ def _row_hashes(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     pad = -width % 8
     multipliers = np.random.default_rng(0).integers(1, 2**63, (width + pad) // 8, np.uint64) | 1
     out = np.empty(len(rows), np.uint64)
-    for i in range(0, len(rows), CHUNK):
-        chunk = np.asarray(x[rows[i : i + CHUNK]]).reshape(-1, width)
+    step = _chunk_rows(x)
+    for i in range(0, len(rows), step):
+        chunk = np.asarray(x[rows[i : i + step]]).reshape(-1, width)
         if pad:
             chunk = np.pad(chunk, ((0, 0), (0, pad)))
-        out[i : i + CHUNK] = chunk.view(np.uint64) @ multipliers
+        out[i : i + step] = chunk.view(np.uint64) @ multipliers
     return out
+
+
+def _chunk_rows(x: np.ndarray) -> int:
+    return max(1, CHUNK_BYTES // max(1, int(np.prod(x.shape[1:])) * x.itemsize))
 
 
 def _write_splits(out: Path, pool: Pool, split: np.ndarray, fingerprints: np.ndarray) -> dict:
@@ -160,8 +167,9 @@ def _write_rows(images: np.ndarray, rows: np.ndarray, path: Path, on_chunk=None)
     with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as lane:
         f.write(header.getvalue())
         pending = None
-        for i in range(0, len(rows), CHUNK):
-            chunk = np.ascontiguousarray(images[rows[i : i + CHUNK]])
+        step = _chunk_rows(images)
+        for i in range(0, len(rows), step):
+            chunk = np.ascontiguousarray(images[rows[i : i + step]])
             f.write(chunk.data)
             if pending:
                 pending.result()  # at most two chunks alive, and seen in order

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -622,3 +623,46 @@ def test_cli_user_error_exits_2_without_traceback(tmp_path):
     assert proc.stderr.startswith("error: ") and "nowhere" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("*.npy"))
+
+
+def test_memory_stays_flat_for_a_folder_larger_than_the_chunks(tmp_path, monkeypatch):
+    """Images stream through the memory-mapped pool into the split files: the process's own
+    (anonymous) memory does not grow with the folder. Chunks are made small here so that a
+    folder of a few megabytes stands for one larger than RAM."""
+    n, size = 1200, 48
+    for i in range(n):
+        write_image(tmp_path / "raw" / f"c{i % 3}" / f"{i:05d}.png", noise(size, size, seed=i))
+    monkeypatch.setattr(prepare_module, "CHUNK_BYTES", 64 << 10)
+    for i in range(30):  # imports and first-use allocations first, outside the measurement
+        write_image(tmp_path / "warm" / f"c{i % 3}" / f"{i}.png", noise(size, size, seed=i))
+    prepare(params_for(tmp_path / "warm-out", source="imagefolder", root=tmp_path / "warm",
+                       image_size=size))
+    peak, baseline, done = [0], _anon_kib(), threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _anon_kib())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        prepare(params_for(tmp_path / "out", source="imagefolder", root=tmp_path / "raw",
+                           image_size=size))
+    finally:
+        done.set()
+        sampler.join()
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["files"]["prepared"] == n
+    assert sum(manifest["num"].values()) == n
+    pixels_kib = n * size * size * 3 // 1024
+    # The whole set is 8.1 MiB of pixels; a copy of it in memory would show as >= that much.
+    assert peak[0] - baseline < pixels_kib // 4, (peak[0] - baseline, pixels_kib)
+
+
+def _anon_kib() -> int:
+    """This process's anonymous resident memory (not the page cache of files it maps)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssAnon in /proc/self/status")
