@@ -125,8 +125,9 @@ def _row_hashes(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     multipliers = np.random.default_rng(0).integers(1, 2**63, (width + pad) // 8, np.uint64) | 1
     out = np.empty(len(rows), np.uint64)
     step = _chunk_rows(x)
+    buffer = np.empty((min(step, len(rows)), *x.shape[1:]), x.dtype)
     for i in range(0, len(rows), step):
-        chunk = np.asarray(x[rows[i : i + step]]).reshape(-1, width)
+        chunk = _take(x, rows[i : i + step], buffer).reshape(-1, width)
         if pad:
             chunk = np.pad(chunk, ((0, 0), (0, pad)))
         out[i : i + step] = chunk.view(np.uint64) @ multipliers
@@ -135,6 +136,12 @@ def _row_hashes(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def _chunk_rows(x: np.ndarray) -> int:
     return max(1, CHUNK_BYTES // max(1, int(np.prod(x.shape[1:])) * x.itemsize))
+
+
+def _take(x: np.ndarray, rows: np.ndarray, buffer: np.ndarray) -> np.ndarray:
+    """x[rows] into a reused buffer: a fresh array per chunk would fault in new pages every
+    time, which cost as much as the copy itself."""
+    return np.take(x, rows, axis=0, out=buffer[: len(rows)])
 
 
 def _write_splits(out: Path, pool: Pool, split: np.ndarray, fingerprints: np.ndarray) -> dict:
@@ -168,11 +175,14 @@ def _write_rows(images: np.ndarray, rows: np.ndarray, path: Path, on_chunk=None)
         f.write(header.getvalue())
         pending = None
         step = _chunk_rows(images)
-        for i in range(0, len(rows), step):
-            chunk = np.ascontiguousarray(images[rows[i : i + step]])
+        # Two buffers in turn: one is being written while `on_chunk` still reads the other.
+        buffers = [np.empty((min(step, len(rows)), *images.shape[1:]), images.dtype)
+                   for _ in range(2)]
+        for k, i in enumerate(range(0, len(rows), step)):
+            chunk = _take(images, rows[i : i + step], buffers[k % 2])
             f.write(chunk.data)
             if pending:
-                pending.result()  # at most two chunks alive, and seen in order
+                pending.result()  # chunk k-1 done before its buffer is refilled, seen in order
             pending = lane.submit(on_chunk, chunk) if on_chunk else None
         if pending:
             pending.result()
