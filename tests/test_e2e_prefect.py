@@ -63,6 +63,18 @@ def _project_files() -> list[str]:
     return [f for f in listed if not f.startswith(SKIP) and (ROOT / f).is_file()]
 
 
+def committed_copy(repo: Path) -> Path:
+    """The project's tracked files in a new git repository at `repo`, committed: what a
+    worker's pull step clones."""
+    for name in _project_files():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, repo / name)
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "project")
+    return repo
+
+
 def _git(repo: Path, *args: str) -> None:
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo,
                    check=True, capture_output=True)
@@ -71,13 +83,7 @@ def _git(repo: Path, *args: str) -> None:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
-    repo, workers = root / "repo", root / "workers"
-    for name in _project_files():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, repo / name)
-    _git(repo, "init", "-q")
-    _git(repo, "add", ".")
-    _git(repo, "commit", "-qm", "project")
+    repo, workers = committed_copy(root / "repo"), root / "workers"
     (workers / ".stack/workspace").mkdir(parents=True)
     with prefect_server(root / "prefect") as api, mlflow_server(root / "mlflow") as mlflow:
         env = {**os.environ, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow,

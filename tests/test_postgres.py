@@ -10,7 +10,6 @@ As in tests/test_e2e_prefect.py, workers clone the project as committed in a tem
 import asyncio
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -22,7 +21,7 @@ from mlflow import MlflowClient
 
 from tests.postgres import Postgres, postgres_server
 from tests.servers import BIN, api_post, mlflow_server, prefect_server, prefect_worker
-from tests.test_e2e_prefect import CLONE, ROOT, Stack, _git, _project_files
+from tests.test_e2e_prefect import CLONE, Stack, committed_copy
 
 pytestmark = pytest.mark.slow
 MODEL = "pg-classifier"
@@ -58,13 +57,7 @@ def test_postgres_server_answers_both_drivers_and_leaves_nothing():
 def pg_stack(tmp_path_factory) -> Iterator[tuple[Stack, Postgres]]:
     """PostgreSQL, and on it the Prefect and MLflow servers, with the pipeline deployed."""
     root = tmp_path_factory.mktemp("pgstack")
-    repo = root / "repo"
-    for name in _project_files():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, repo / name)
-    _git(repo, "init", "-q")
-    _git(repo, "add", ".")
-    _git(repo, "commit", "-qm", "project")
+    repo = committed_copy(root / "repo")
     # Two MLflow workers: two processes writing to the database at once, as in production.
     with postgres_server(("mlflow", "prefect")) as pg, \
             prefect_server(root / "prefect", database_url=pg.url("prefect", "asyncpg")) as api, \
