@@ -18,7 +18,8 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, create_model, model_validator
 
-from components.params import DEFAULT_PARAMS, Params, load_params, no_secrets
+from components.credentials import no_secrets
+from components.params import DEFAULT_PARAMS, Params, load_params
 
 
 def _overrides_model(section: type[BaseModel]) -> type[BaseModel]:

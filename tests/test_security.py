@@ -31,15 +31,8 @@ import torch
 import yaml
 
 from components import checkpoint as ckpt
-from components.params import (
-    ParamsError,
-    UserError,
-    credential_name,
-    flatten,
-    load_params,
-    run_step,
-    secrets_in,
-)
+from components.credentials import credential_name, secrets_in
+from components.params import ParamsError, UserError, flatten, load_params, run_step
 from tests.servers import BIN, mlflow_server, prefect_server, prefect_worker
 
 PROJECT = Path(__file__).resolve().parents[1]
