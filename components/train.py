@@ -24,6 +24,10 @@ With models without batch norm or dropout, that is one process's training up to 
 float additions (tests/test_ddp.py). Batch norm normalises with each rank's own share, as DDP
 does by default; out of memory on one rank ends the run (the ranks cannot halve alone).
 
+Around the loop: components/recipe.py sets the run up (device, precision, model, optimizer,
+schedule), components/batches.py holds the images on the device, components/ddp.py spreads the
+run over several devices.
+
 Where the time goes: `_train_epoch` and `_step` are the hot loop. Per step: an index slice of the
 device-resident uint8 data (or a read from the memory map), one fused cast+scale+normalise (or
 cast, augment, normalise), forward, backward, optional clipping, a fused optimizer step, optional
