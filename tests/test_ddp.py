@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 from mlflow import MlflowClient
 from timm.models import register_model
 
@@ -30,6 +29,7 @@ from components.augment import augment
 from components.params import load_params
 from components.prepare import prepare
 from components.train import train
+from tests.test_train import _Tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULT_ENV = "TEST_DDP_FAULT"  # error | oom | hang: what the fake model does on rank 1
@@ -37,15 +37,9 @@ FAILING = ("train.devices=2", "model.name=fake_fails_on_rank_1")
 BOUND_S = 300  # a run that fails must have ended by then (it takes well under a minute)
 
 
-class _FailsOnRank1(nn.Module):
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, **_):
-        super().__init__()
-        self.conv = nn.Conv2d(in_chans, 8, 3, padding=1)
-        self.fc = nn.Linear(8, num_classes)
-        self.calls = 0
-
+class _FailsOnRank1(_Tiny):
     def forward(self, x):
-        self.calls += self.training
+        out = super().forward(x)  # counts the training calls
         fault = os.environ.get(FAULT_ENV)
         if fault and os.environ.get("RANK") == "1" and self.calls > 25:
             if fault == "oom":
@@ -53,7 +47,7 @@ class _FailsOnRank1(nn.Module):
             if fault == "hang":
                 time.sleep(3600)
             raise RuntimeError("injected failure on rank 1")
-        return self.fc(self.conv(x).relu().mean((2, 3)))
+        return out
 
 
 @register_model
