@@ -2,8 +2,8 @@
 # The MLflow tracking server with auth on (MLflow's basic-auth app) and proxied artifacts, as
 # compose.yaml and k8s/mlflow.yaml start it. Everything comes from the environment:
 #
-#   MLFLOW_BACKEND_STORE_URI      runs and registry, e.g. postgresql://USER:PASS@HOST:5432/mlflow
-#   MLFLOW_AUTH_DATABASE_URI      users and permissions, e.g. postgresql://USER:PASS@HOST/mlflow_auth
+#   MLFLOW_BACKEND_STORE_URI      runs and registry, e.g. postgresql+psycopg2://USER:PASS@HOST:5432/mlflow
+#   MLFLOW_AUTH_DATABASE_URI      users and permissions, e.g. postgresql+psycopg2://USER:PASS@HOST/mlflow_auth
 #   MLFLOW_AUTH_ADMIN_PASSWORD    the admin user's password, set the first time the server starts
 #   MLFLOW_FLASK_SERVER_SECRET_KEY  the auth app's CSRF key (the same on every replica)
 #   MLFLOW_ARTIFACTS_DESTINATION  where proxied artifacts go (a volume path, s3://..., ...)
@@ -15,8 +15,8 @@
 # is never in the file: MLflow reads MLFLOW_AUTH_ADMIN_PASSWORD itself and has no default.
 set -eu
 
-: "${MLFLOW_BACKEND_STORE_URI:?set MLFLOW_BACKEND_STORE_URI (postgresql://...)}"
-: "${MLFLOW_AUTH_DATABASE_URI:?set MLFLOW_AUTH_DATABASE_URI (postgresql://...)}"
+: "${MLFLOW_BACKEND_STORE_URI:?set MLFLOW_BACKEND_STORE_URI (postgresql+psycopg2://...)}"
+: "${MLFLOW_AUTH_DATABASE_URI:?set MLFLOW_AUTH_DATABASE_URI (postgresql+psycopg2://...)}"
 : "${MLFLOW_AUTH_ADMIN_PASSWORD:?set MLFLOW_AUTH_ADMIN_PASSWORD}"
 : "${MLFLOW_FLASK_SERVER_SECRET_KEY:?set MLFLOW_FLASK_SERVER_SECRET_KEY}"
 : "${MLFLOW_ARTIFACTS_DESTINATION:?set MLFLOW_ARTIFACTS_DESTINATION}"

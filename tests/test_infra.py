@@ -138,7 +138,9 @@ def test_compose_is_valid_and_follows_the_rules(compose):
     env = {name: _environment(s) for name, s in compose["services"].items()}
     assert env["prefect-server"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
         "postgresql+asyncpg://")
-    assert env["mlflow"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
+    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which the image does not have.
+    assert env["mlflow"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
+    assert env["mlflow"]["MLFLOW_AUTH_DATABASE_URI"].startswith("postgresql+psycopg2://")
     assert "PREFECT_SERVER_API_AUTH_STRING" in env["prefect-server"]
     assert "--serve-artifacts" in _mlflow_command(compose)
 
