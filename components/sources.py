@@ -85,7 +85,7 @@ def _torchvision(cfg: Data) -> Pool:
     if missing and not cfg.download:
         raise UserError(_missing_message(cfg, folder, missing, "data.download is false"))
     try:
-        parts = [_trusting(cls)(str(cfg.root), train=t, download=bool(missing)) for t in (1, 0)]
+        parts = [_reader(cls)(str(cfg.root), train=t, download=bool(missing)) for t in (1, 0)]
     except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ...
         if not missing:  # the files are there but unreadable: naming no missing file misleads
             raise UserError(f"data.source = {cfg.source!r}: cannot read the files in {folder}: "
@@ -108,14 +108,26 @@ def _expected_files(cls: type, root: Path) -> tuple[Path, list[str]]:
     return Path(root) / cls.base_folder, names
 
 
-def _trusting(cls: type) -> type:
-    """The dataset class, checking that its files exist rather than their md5 sums.
+def _reader(cls: type) -> type:
+    """torchvision's dataset class, reading its files our way where that matters.
 
-    The sums pin one upstream copy; files a user exported or rebuilt are just as valid, and
-    the manifest records the content hash of what was read. Downloads still check the archive.
+    CIFAR: checks that its files exist rather than their md5 sums. The sums pin one upstream
+    copy; files a user exported or rebuilt are just as valid, and the manifest records the
+    content hash of what was read. Downloads still check the archive.
+    The MNIST family: reads its IDX files as memory maps. torchvision's reader copies every file
+    twice (read(), then bytearray), which took 4/5 of prepare's MNIST time here; mapped, the
+    pixels are copied once, straight into the pool.
     """
-    if not hasattr(cls, "_check_integrity"):
-        return cls
+    if hasattr(cls, "resources"):
+
+        class Mapped(cls):
+            def _load_data(self) -> tuple[np.ndarray, np.ndarray]:
+                prefix = Path(self.raw_folder) / ("train" if self.train else "t10k")
+                return (_read_idx(f"{prefix}-images-idx3-ubyte", dims=3),
+                        _read_idx(f"{prefix}-labels-idx1-ubyte", dims=1))
+
+        Mapped.__name__ = cls.__name__  # torchvision finds the files under <root>/<class name>
+        return Mapped
     folder_of = partial(_expected_files, cls)
 
     class Trusting(cls):
@@ -123,9 +135,8 @@ def _trusting(cls: type) -> type:
             folder, names = folder_of(self.root)
             if not all((folder / n).is_file() for n in names):
                 return False
-            if hasattr(cls, "train_list"):  # CIFAR's files are pickles, read with pickle.load
-                for name in names:
-                    _check_plain_pickle(folder / name)
+            for name in names:  # CIFAR's files are pickles, read with pickle.load
+                _check_plain_pickle(folder / name)
             return True
 
         def _load_meta(self) -> None:
@@ -134,6 +145,21 @@ def _trusting(cls: type) -> type:
             super()._load_meta()
 
     return Trusting
+
+
+def _read_idx(path: str, dims: int) -> np.ndarray:
+    """An IDX file of uint8 (MNIST's format: two zero bytes, type 0x08, the number of dims, each
+    dim as a big-endian uint32, then the values) as a read-only memory map."""
+    with open(path, "rb") as f:
+        head = f.read(4 + 4 * dims)
+    if len(head) < 4 + 4 * dims or head[:4] != bytes([0, 0, 0x08, dims]):
+        raise ValueError(f"{path} is not an IDX file of uint8 values in {dims} dimension(s)")
+    shape = tuple(int(d) for d in np.frombuffer(head, ">u4", offset=4))
+    size = os.path.getsize(path) - len(head)
+    if size != np.prod(shape):
+        raise ValueError(f"{path} holds {size} bytes of values where its header says "
+                         f"{' x '.join(map(str, shape))}: truncated or not an MNIST file")
+    return np.memmap(path, np.uint8, mode="r", offset=len(head), shape=shape)
 
 
 # What CIFAR's pickles may name: numpy arrays and their dtypes (old and new numpy module paths)
@@ -154,7 +180,7 @@ class _PlainUnpickler(pickle.Unpickler):
 
 def _check_plain_pickle(path: Path) -> None:
     """Refuse a pickle that would run code when loaded: without the upstream md5 sums (see
-    `_trusting`) nothing else stops a crafted file, so each file is read once first by an
+    `_reader`) nothing else stops a crafted file, so each file is read once first by an
     unpickler that builds only numpy arrays and plain values, and never calls anything else."""
     try:
         with open(path, "rb") as f:

@@ -306,6 +306,21 @@ def test_some_files_missing_names_those(tmp_path):
     assert "train-images-idx3-ubyte" not in str(info.value)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not idx"])
+def test_a_damaged_idx_file_is_a_clear_error(tmp_path, damage):
+    raw = write_mnist(tmp_path / "raw", patterned(20, 28, 1, 10, 0), patterned(10, 28, 1, 10, 1))
+    images = raw / "train-images-idx3-ubyte"
+    data = images.read_bytes()
+    images.write_bytes(data[:-100] if damage == "truncated" else b"<html>not found</html>")
+    with pytest.raises(UserError) as info:
+        prepare(params_for(tmp_path / "out", source="mnist", root=tmp_path / "raw",
+                           download=False))
+    message = str(info.value)
+    assert "cannot read" in message and str(images) in message
+    assert ("truncated" if damage == "truncated" else "not an IDX file") in message
+    assert not (tmp_path / "out").exists()
+
+
 def _online() -> bool:
     try:
         socket.getaddrinfo("ossci-datasets.s3.amazonaws.com", 443)
