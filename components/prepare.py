@@ -42,13 +42,17 @@ class PrepareResult:
 def prepare(params: Params) -> PrepareResult:
     """Prepare `params.data` into `params.paths.prepared`."""
     cfg = params.data
-    with atomic_dir(params.paths.prepared) as out:
+    with atomic_dir(params.paths.prepared) as out, ThreadPoolExecutor(max_workers=1) as lane:
         pool = load_source(cfg, out)
         split = assign_splits(pool.y, pool.given, cfg)
+        # The train statistics need only train's rows, which duplicates never change (they are
+        # dropped from the later split): the other core computes them while this one goes on.
+        stats = lane.submit(channel_stats, pool.x, pool.rows[split == TRAIN])
         fingerprints = _row_hashes(pool.x, pool.rows)
         duplicates = find_duplicates(pool, split, fingerprints, cfg.drop_duplicates)
         manifest = _manifest(cfg, pool, split, duplicates)
         manifest |= _write_splits(out, pool, split, fingerprints)
+        manifest |= stats.result()
         (out / "pool.npy").unlink(missing_ok=True)
         write_json(out / MANIFEST, manifest)
         write_json(out / QUARANTINE, pool.quarantine)
@@ -138,56 +142,46 @@ def _chunk_rows(x: np.ndarray) -> int:
     return max(1, CHUNK_BYTES // max(1, int(np.prod(x.shape[1:])) * x.itemsize))
 
 
-def _take(x: np.ndarray, rows: np.ndarray, buffer: np.ndarray) -> np.ndarray:
-    """x[rows] into a reused buffer: a fresh array per chunk would fault in new pages every
-    time, which cost as much as the copy itself."""
-    return np.take(x, rows, axis=0, out=buffer[: len(rows)])
+def _take(x: np.ndarray, rows: np.ndarray, buffer: np.ndarray | None = None) -> np.ndarray:
+    """x[rows] for increasing `rows`: a view when they are consecutive (no copy at all), else
+    copied into `buffer` (reused: a fresh array per small chunk faults in new pages each time,
+    which cost as much as the copy itself) or, without one, a new array."""
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+        return x[rows[0] : rows[-1] + 1]
+    return np.take(x, rows, axis=0, out=None if buffer is None else buffer[: len(rows)])
 
 
 def _write_splits(out: Path, pool: Pool, split: np.ndarray, fingerprints: np.ndarray) -> dict:
-    """Each split's arrays and content hash, and the train statistics, computed from the same
-    chunks on their way to disk in a thread of their own (numpy releases the GIL)."""
+    """Each split's arrays, counts and content hash."""
     num, counts, hashes = {}, {}, {}
-    stats = ChannelStats(pool.x.shape[1:])
     for sid, name in enumerate(SPLITS):
         members = np.flatnonzero(split == sid)
         labels = pool.y[members]
         np.save(y_path(out, name), labels)
-        _write_rows(pool.x, pool.rows[members], x_path(out, name),
-                    stats.add if name == "train" else None)
+        _write_rows(pool.x, pool.rows[members], x_path(out, name))
         hashes[name] = _content_hash(fingerprints[members], labels, pool.x.shape[1:])
         num[name] = int(len(members))
         per_class = np.bincount(labels, minlength=len(pool.classes))
         counts[name] = {c: int(n) for c, n in zip(pool.classes, per_class, strict=True)}
-    mean, std = stats.result()
-    return {"num": num, "counts": counts, "hashes": hashes,
-            "mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std]}
+    return {"num": num, "counts": counts, "hashes": hashes}
 
 
-def _write_rows(images: np.ndarray, rows: np.ndarray, path: Path, on_chunk=None) -> None:
-    """images[rows] saved at `path` as np.save would; `on_chunk` sees the rows in a thread while
-    they are written. A memory-mapped source (an image folder, possibly larger than RAM) goes in
-    chunks so memory stays flat; an array already in memory goes in one piece, because one large
-    write is much faster than several (the copy is no larger than the source itself)."""
+def _write_rows(images: np.ndarray, rows: np.ndarray, path: Path) -> None:
+    """images[rows] saved at `path` as np.save would. A memory-mapped source (an image folder,
+    possibly larger than RAM) goes in chunks so memory stays flat; an array already in memory
+    goes in one piece, because one large write is much faster than several (the copy is no
+    larger than the source itself)."""
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {
         "descr": np.lib.format.dtype_to_descr(images.dtype), "fortran_order": False,
         "shape": (len(rows), *images.shape[1:])})
-    step = _chunk_rows(images) if isinstance(images, np.memmap) else max(1, len(rows))
-    # Two buffers in turn: one is filled while `on_chunk` may still read the other.
-    buffers = [np.empty((min(step, len(rows)), *images.shape[1:]), images.dtype)
-               for _ in range(min(2, -(-len(rows) // step)))]
-    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as lane:
+    chunked = isinstance(images, np.memmap)
+    step = _chunk_rows(images) if chunked else max(1, len(rows))
+    buffer = np.empty((min(step, len(rows)), *images.shape[1:]), images.dtype) if chunked else None
+    with open(path, "wb") as f:
         f.write(header.getvalue())
-        pending = None
-        for k, i in enumerate(range(0, len(rows), step)):
-            chunk = _take(images, rows[i : i + step], buffers[k % 2])
-            if pending:
-                pending.result()  # chunk k-1 is done: its buffer is free, and order is kept
-            pending = lane.submit(on_chunk, chunk) if on_chunk else None
-            chunk.tofile(f)  # numpy's own write: faster here than f.write(chunk.data)
-        if pending:
-            pending.result()
+        for i in range(0, len(rows), step):
+            _take(images, rows[i : i + step], buffer).tofile(f)  # faster than f.write here
 
 
 def _content_hash(fingerprints: np.ndarray, labels: np.ndarray, shape: tuple) -> str:
@@ -197,33 +191,32 @@ def _content_hash(fingerprints: np.ndarray, labels: np.ndarray, shape: tuple) ->
     return digest.hexdigest()
 
 
-class ChannelStats:
-    """Per-channel mean and std on the 0-1 scale, exact: integer sums of pixels and their
-    squares, per pixel position first (long contiguous adds), in cache-sized blocks."""
+# Images per block of the statistics: at most 256 (256 × 255 fits 16 bits, so a block's pixel
+# sums add up in uint16), and few enough that the block stays in cache.
+STATS_BLOCK_BYTES = 256 << 10
 
-    BLOCK = 256  # 256 × 255 fits 16 bits: the pixel sums of a block add in uint16
 
-    def __init__(self, shape: tuple[int, ...]):
-        self.channels, self.width = shape[-1], int(np.prod(shape))
-        self.sums = np.zeros((2, self.width), np.uint64)
-        self.block = np.empty((self.BLOCK, self.width), np.uint16)
-        self.n = 0
-
-    def add(self, x: np.ndarray) -> None:
-        pixels = x.reshape(-1, self.width)
-        self.n += len(pixels)
-        for i in range(0, len(pixels), self.BLOCK):
-            block = self.block[: len(pixels[i : i + self.BLOCK])]
-            block[...] = pixels[i : i + self.BLOCK]
-            self.sums[0] += block.sum(0, dtype=np.uint16)
-            block *= block  # 255² fits 16 bits
-            self.sums[1] += block.sum(0, dtype=np.uint32)
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        n = max(1, self.n * self.width // self.channels)
-        total = self.sums.reshape(2, -1, self.channels).sum(1).astype(np.float64)
-        mean = total[0] / n / 255
-        return mean, np.sqrt(np.maximum(total[1] / n / 255**2 - mean**2, 0.0))
+def channel_stats(x: np.ndarray, rows: np.ndarray) -> dict:
+    """Per-channel mean and std of x[rows] on the 0-1 scale, exact: integer sums of pixels and
+    their squares, per pixel position first (long contiguous adds), in cache-sized blocks."""
+    channels, width = x.shape[-1], int(np.prod(x.shape[1:]))
+    pixels = x.reshape(len(x), width)
+    step = min(256, max(1, STATS_BLOCK_BYTES // width))
+    sums = np.zeros((2, width), np.uint64)
+    gathered = np.empty((step, width), np.uint8)
+    block = np.empty((step, width), np.uint16)
+    for i in range(0, len(rows), step):
+        some = _take(pixels, rows[i : i + step], gathered)
+        b = block[: len(some)]
+        b[...] = some
+        sums[0] += b.sum(0, dtype=np.uint16)
+        b *= b  # 255² fits 16 bits
+        sums[1] += b.sum(0, dtype=np.uint32)
+    n = max(1, len(rows) * width // channels)
+    total = sums.reshape(2, -1, channels).sum(1).astype(np.float64)
+    mean = total[0] / n / 255
+    std = np.sqrt(np.maximum(total[1] / n / 255**2 - mean**2, 0.0))
+    return {"mean": [round(float(m), 6) for m in mean], "std": [round(float(v), 6) for v in std]}
 
 
 def _manifest(cfg: Data, pool: Pool, split: np.ndarray, duplicates: dict) -> dict:
