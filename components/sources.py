@@ -115,8 +115,8 @@ def _reader(cls: type) -> type:
     copy; files a user exported or rebuilt are just as valid, and the manifest records the
     content hash of what was read. Downloads still check the archive.
     The MNIST family: reads its IDX files as memory maps. torchvision's reader copies every file
-    twice (read(), then bytearray), which took 4/5 of prepare's MNIST time here; mapped, the
-    pixels are copied once, straight into the pool.
+    twice (read(), then bytearray) before prepare copies it into the pool: 79 ms for MNIST here,
+    against 10 ms mapped, the pixels copied once, straight into the pool.
     """
     if hasattr(cls, "resources"):
 
