@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
 from dataclasses import dataclass, field
 from functools import partial
-from multiprocessing import get_context
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
 import numpy as np
@@ -231,11 +230,10 @@ def _folder(cfg: Data, workdir: Path) -> Pool:
     job = partial(_decode_job, size=size, channels=channels, resize=cfg.resize,
                   min_side=cfg.min_side)
     paths = [str(c.path) for c in scan.candidates]
-    # fork: workers start at once and share nothing but the paths they are sent. They get the
-    # default SIGTERM back: a handler inherited from the caller (Prefect installs one) would run
-    # when the pool terminates them, and can hang there on locks its other threads held.
-    with get_context("fork").Pool(os.cpu_count() or 1, initializer=signal.signal,
-                                  initargs=(signal.SIGTERM, signal.SIG_DFL)) as workers:
+    # Threads, not processes: Pillow decodes and resizes without holding the GIL, so two
+    # threads keep two cores busy, and nothing is forked from a caller whose other threads may
+    # hold locks (a decoder forked from a Prefect task once hung there, never exiting).
+    with ThreadPool(os.cpu_count() or 1) as workers:
         results = workers.imap(job, paths, chunksize=16)
         for i, (image, bad) in enumerate(tqdm(results, total=n, desc="prepare", unit="img")):
             if bad is None:
