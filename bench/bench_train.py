@@ -10,6 +10,13 @@ Cases (`--only` picks one; all run by default, in this order):
   (target 20 s on the 2-core benchmark machine).
 - accuracy: simple_cnn and lenet5 on MNIST for several epochs, and params.yaml as committed
   (digits) through prepare, augment and train; test accuracy of each.
+- resnet_cifar: images/s of resnet_cifar on 32×32×3 (CIFAR-10 files of 50,000 synthetic training
+  images, written here in the real format) at fp32 and bf16, contiguous and channels_last; the
+  last epoch of each run, after cuDNN's autotuning in the first. Runs by default on CUDA only.
+
+`--device cuda` trains ours on the GPU (train.device=cuda) and the references as their user would
+there: a copy of each script with its model and tensors moved to the GPU, and the GPU synchronised
+before each epoch's clock stops (CUDA runs asynchronously); every change is listed in TO_CUDA.
 
 Every run is a fresh process in this same environment (this interpreter, these environment
 variables); references and ours alternate (ref, ours, ref, ours, ...) and the summary takes
@@ -23,7 +30,8 @@ same 60,000 images and test on the same 10,000. Figures print as JSON lines; the
 each case is its summary. The load average (1 min) before each run is in its line.
 
     .venv/bin/python bench/bench_train.py [--mnist ../shared/datasets/mnist]
-        [--only overhead|tutorial|target|accuracy] [--repeats 2] [--epochs 2] [--threads N]
+        [--only overhead|tutorial|target|accuracy|resnet_cifar] [--repeats 2] [--epochs 2]
+        [--threads N] [--device cpu|cuda] [--references ../shared/bench]
 
 On a shared machine, `--threads 1` gives steadier figures: two OpenMP threads on two busy cores
 wait for each other at every parallel region, and throughput swings several-fold with the load.
@@ -55,8 +63,29 @@ from components.params import Params, load_params, validate  # noqa: E402
 from components.prepare import prepare  # noqa: E402
 from components.prepared import load_split, read_manifest  # noqa: E402
 from components.train import train  # noqa: E402
+from tests.formats import patterned, write_cifar10  # noqa: E402
 
 REFERENCES = ROOT.parent / "shared" / "bench"
+# The references on a GPU: (text in the script, its replacement), each found exactly once.
+TO_CUDA = {
+    "raw_loop.py": [
+        ("X, Y = train.data.unsqueeze(1), train.targets",
+         "X, Y = train.data.unsqueeze(1).cuda(), train.targets.cuda()"),
+        ("Xt, Yt = test.data.unsqueeze(1), test.targets",
+         "Xt, Yt = test.data.unsqueeze(1).cuda(), test.targets.cuda()"),
+        ("SimpleCNN()", "SimpleCNN().cuda()"),
+        ("torch.randperm(len(X))", "torch.randperm(len(X), device='cuda')"),
+        ("train_s = time.perf_counter() - t",
+         "torch.cuda.synchronize(); train_s = time.perf_counter() - t"),
+    ],
+    "tutorial_recipe.py": [
+        ("SimpleCNN()", "SimpleCNN().cuda()"),
+        ("loss_fn(model(x), y)", "loss_fn(model(x.cuda()), y.cuda())"),
+        ("(model(x).argmax(1) == y)", "(model(x.cuda()).argmax(1) == y.cuda())"),
+        ("train_s = time.perf_counter() - t",
+         "torch.cuda.synchronize(); train_s = time.perf_counter() - t"),
+    ],
+}
 RECIPE = ROOT / "configs" / "mnist_fast.yaml"
 TARGET_ACC = 0.99
 # raw_loop.py's settings, in train's terms; the cosine schedule cannot be turned off, but it only
@@ -88,12 +117,28 @@ def load1() -> float:
 # --- the worker: one training run in a fresh process ---------------------------------------
 
 
-class TestScore:
-    """After each epoch: the test accuracy of that epoch's weights (the EMA's when on)."""
+class EpochRows:
+    """After each epoch: its row (train seconds, images/s, loss, validation accuracy)."""
 
     def __init__(self, params: Params):
         self.params = params
         self.manifest = read_manifest(params.paths.prepared)
+
+    def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+        emit(self.row(epoch, metrics))
+
+    def row(self, epoch: int, metrics: dict) -> dict:
+        return {"epoch": epoch,
+                "train_s": round(self.manifest["num"]["train"] / metrics["images_per_s"], 3),
+                "images_per_s": metrics["images_per_s"], "epoch_s": metrics["epoch_s"],
+                "train_loss": metrics["train_loss"], "val_acc": metrics["val_acc"]}
+
+
+class TestScore(EpochRows):
+    """EpochRows with the test accuracy of that epoch's weights (the EMA's when on)."""
+
+    def __init__(self, params: Params):
+        super().__init__(params)
         self.test = load_split(params.paths.prepared, "test", mmap=False)
 
     def on_epoch_end(self, epoch: int, metrics: dict) -> None:
@@ -106,10 +151,7 @@ class TestScore:
         model = models.create_model(self.params.model.name, num_classes=len(m["classes"]),
                                     in_chans=m["channels"], img_size=m["image_size"][0])
         model.load_state_dict(weights)
-        emit({"epoch": epoch, "train_s": round(m["num"]["train"] / metrics["images_per_s"], 3),
-              "images_per_s": metrics["images_per_s"], "epoch_s": metrics["epoch_s"],
-              "train_loss": metrics["train_loss"], "val_acc": metrics["val_acc"],
-              "test_acc": self.accuracy(model.eval())})
+        emit({**self.row(epoch, metrics), "test_acc": self.accuracy(model.eval())})
 
     @torch.no_grad()
     def accuracy(self, model: torch.nn.Module) -> float:
@@ -120,18 +162,17 @@ class TestScore:
             correct += (model(x).argmax(1) == y).sum().item()
         return correct / len(self.test.y)
 
-    def on_train_end(self, result) -> None:
-        pass
-
-
-def worker(params_file: str) -> None:
+def worker(params_file: str, score: bool) -> None:
     params = load_params(params_file)
-    score = TestScore(params)
-    result = train(params, callbacks=[score])
-    model, _ = ckpt.load_model(result.model_path)  # the best epoch's weights, as evaluate sees
-    emit({"result": {"train_seconds": result.train_seconds, "images_per_s": result.images_per_s,
-                     "precision": result.precision, "epochs": result.epochs,
-                     "best_epoch": result.best_epoch, "model_test_acc": score.accuracy(model)}})
+    rows = TestScore(params) if score else EpochRows(params)
+    result = train(params, callbacks=[rows])
+    summary = {"train_seconds": result.train_seconds, "images_per_s": result.images_per_s,
+               "precision": result.precision, "device": result.device, "epochs": result.epochs,
+               "best_epoch": result.best_epoch}
+    if score:
+        model, _ = ckpt.load_model(result.model_path)  # the best epoch's weights, as evaluate sees
+        summary["model_test_acc"] = rows.accuracy(model)
+    emit({"result": summary})
 
 
 # --- the parent: data, runs, summaries ------------------------------------------------------
@@ -140,8 +181,9 @@ def worker(params_file: str) -> None:
 class Workspace:
     """Prepared data and augment policies in a temporary folder, made once per setting."""
 
-    def __init__(self, folder: Path, mnist: Path):
-        self.folder, self.mnist, self.runs = folder, mnist, 0
+    def __init__(self, folder: Path, mnist: Path, device: str, references: Path):
+        self.folder, self.mnist, self.device, self.runs = folder, mnist, device, 0
+        self.references = references if device == "cpu" else cuda_references(references, folder)
 
     def params(self, raw: dict, overrides: dict) -> Params:
         """`raw` (a params file's contents) with `overrides` merged in, pointed at this folder."""
@@ -158,7 +200,7 @@ class Workspace:
                            "train": str(self.folder / f"train-{self.runs}"),
                            "evaluate": str(self.folder / "evaluate"),
                            "register": str(self.folder / "register")}
-        merged.setdefault("train", {})["resume"] = "never"
+        merged.setdefault("train", {}).update(resume="never", device=self.device)
         params = validate(merged)
         if not prepared.exists():
             prepare(params)
@@ -166,12 +208,14 @@ class Workspace:
             augment(params)
         return params
 
-    def train(self, params: Params, tag: dict) -> dict:
-        """Our run in a fresh process: per-epoch rows and the summary (one JSON line each)."""
+    def train(self, params: Params, tag: dict, score: bool = True) -> dict:
+        """Our run in a fresh process: per-epoch rows and the summary (one JSON line each).
+        `score`: the test accuracy after every epoch (on the CPU, outside the timed part)."""
         path = Path(f"{params.paths.train}.yaml")
         path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
         before = load1()
-        rows = run_json([sys.executable, __file__, "--worker", str(path)])
+        rows = run_json([sys.executable, __file__, "--worker", str(path),
+                         *([] if score else ["--no-score"])])
         epochs = [r for r in rows if "epoch" in r]
         n = read_manifest(params.paths.prepared)["num"]["train"]
         train_s = [r["train_s"] for r in epochs]
@@ -179,7 +223,23 @@ class Workspace:
         return emit({**tag, "who": "train", "load1": before, "epochs": epochs,
                      "train_s": round(sum(train_s), 2),
                      "img_s": round(n * len(train_s) / sum(train_s)),
-                     "test_acc": [r["test_acc"] for r in epochs], "model_pt": result})
+                     "test_acc": [r.get("test_acc") for r in epochs], "model_pt": result})
+
+
+def cuda_references(folder_in: Path, folder: Path) -> Path:
+    """Copies of the reference scripts that train on the GPU (TO_CUDA), beside their model."""
+    out = folder / "references-cuda"
+    out.mkdir()
+    (out / "reference_model.py").write_text((folder_in / "reference_model.py").read_text())
+    for script, changes in TO_CUDA.items():
+        text = (folder_in / script).read_text()
+        for old, new in changes:
+            if text.count(old) != 1:
+                sys.exit(f"{folder_in / script}: expected {old!r} once, found it "
+                         f"{text.count(old)} times; update TO_CUDA in {__file__}")
+            text = text.replace(old, new)
+        (out / script).write_text(text)
+    return out
 
 
 def digest(obj) -> str:
@@ -193,9 +253,9 @@ def run_json(cmd: list[str]) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-def reference(script: str, mnist: Path, epochs: int, tag: dict, *flags: str) -> dict:
+def reference(ws: Workspace, script: str, epochs: int, tag: dict, *flags: str) -> dict:
     before = load1()
-    rows = run_json([sys.executable, str(REFERENCES / script), str(mnist), "--epochs",
+    rows = run_json([sys.executable, str(ws.references / script), str(ws.mnist), "--epochs",
                      str(epochs), *flags])
     epochs_ = [r for r in rows if "epoch" in r]
     train_s = [r["train_s"] for r in epochs_]
@@ -218,7 +278,7 @@ def overhead(ws: Workspace, args) -> None:
         flags = ["--channels-last"] if fmt == "channels_last" else []
         refs, ours = [], []
         for _ in range(args.repeats):
-            refs.append(reference("raw_loop.py", args.mnist, args.epochs, tag, *flags))
+            refs.append(reference(ws, "raw_loop.py", args.epochs, tag, *flags))
             ours.append(ws.train(params, tag))
         emit({**tag, "summary": True, "raw_loop_img_s": median(refs, "img_s"),
               "train_img_s": median(ours, "img_s"),
@@ -244,7 +304,7 @@ def tutorial(ws: Workspace, args) -> None:
     params = recipe(ws, {"train": {"epochs": 2}})
     refs, ours = [], []
     for _ in range(args.repeats):
-        refs.append(reference("tutorial_recipe.py", args.mnist, 2, tag))
+        refs.append(reference(ws, "tutorial_recipe.py", 2, tag))
         ours.append(ws.train(params, tag))
     ref_s, our_s = epoch_seconds(refs), epoch_seconds(ours)
     emit({**tag, "summary": True, "tutorial_epoch_s": ref_s, "train_epoch_s": our_s,
@@ -297,7 +357,33 @@ def accuracy(ws: Workspace, args) -> None:
           "best_epoch": run["model_pt"]["best_epoch"], "target": 0.97})
 
 
-CASES = {"overhead": overhead, "tutorial": tutorial, "target": target, "accuracy": accuracy}
+def resnet_cifar(ws: Workspace, args) -> None:
+    root = ws.folder / "cifar"
+    if not root.exists():
+        n = args.cifar_images
+        write_cifar10(root, patterned(n, 32, 3, 10, seed=0), patterned(n // 5, 32, 3, 10, seed=1))
+    figures = {}
+    for precision in ("fp32", "bf16"):
+        for layout in ("contiguous", "channels_last"):
+            tag = {"case": "resnet_cifar", "precision": precision, "layout": layout}
+            params = ws.params({}, {
+                "data": {"source": "cifar10", "root": str(root), "download": False,
+                         "val_fraction": 0.0},
+                "model": {"name": "resnet_cifar"}, "augment": {"preset": "none"},
+                "train": {"epochs": 2, "batch_size": args.cifar_batch, "precision": precision,
+                          "channels_last": layout == "channels_last"}})
+            run = ws.train(params, tag, score=False)
+            figures[f"{precision} {layout}"] = round(run["epochs"][-1]["images_per_s"])
+    emit({"case": "resnet_cifar", "summary": True, "device": ws.device,
+          "batch_size": args.cifar_batch, "train_images": args.cifar_images,
+          "images_per_s_last_epoch": figures})
+
+
+CASES = {"overhead": overhead, "tutorial": tutorial, "target": target, "accuracy": accuracy,
+         "resnet_cifar": resnet_cifar}
+# Run when --only names none: resnet_cifar's 50,000 images at 32×32×3 take long on a CPU.
+DEFAULT_CASES = {"cpu": ["overhead", "tutorial", "target", "accuracy"],
+                 "cuda": ["overhead", "tutorial", "target", "accuracy", "resnet_cifar"]}
 
 
 def main() -> None:
@@ -309,22 +395,32 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="OMP_NUM_THREADS for every run, ours and the references' (0: torch's "
                         "default, one per core)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where ours and the references train (see above)")
+    parser.add_argument("--references", type=Path, default=REFERENCES,
+                        help="the folder of raw_loop.py, tutorial_recipe.py, reference_model.py")
+    parser.add_argument("--cifar-images", type=int, default=50_000,
+                        help="resnet_cifar: synthetic training images")
+    parser.add_argument("--cifar-batch", type=int, default=256, help="resnet_cifar: batch size")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--no-score", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker)
+        return worker(args.worker, score=not args.no_score)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA GPU here")
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every run
         torch.set_num_threads(args.threads)
     args.mnist = args.mnist.resolve()
     emit({"torch": torch.__version__, "threads": torch.get_num_threads(),
           "cpus": os.cpu_count(), "load": [round(v, 2) for v in os.getloadavg()],
+          "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
           "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     with tempfile.TemporaryDirectory(prefix="bench_train-") as folder:
-        ws = Workspace(Path(folder), args.mnist)
-        for name, case in CASES.items():
-            if args.only in (None, name):
-                case(ws, args)
+        ws = Workspace(Path(folder), args.mnist, args.device, args.references.resolve())
+        for name in [args.only] if args.only else DEFAULT_CASES[args.device]:
+            CASES[name](ws, args)
     emit({"finished": time.strftime("%Y-%m-%d %H:%M:%S"),
           "load": [round(v, 2) for v in os.getloadavg()]})
 
