@@ -9,6 +9,7 @@ configs/mnist_fast.yaml (simple_cnn, batch 128, AdamW) with the changes its name
 - fp32 contiguous: no autocast, NCHW
 - streamed: train.device_data_mb=0, batches read from the memory map, copied from pinned memory
 - ema + basic augment + mixup/cutmix: weight EMA and the batched augmentation on the GPU
+- cudnn_benchmark: cuDNN's autotuning on (train.cudnn_benchmark, off by default)
 - compile: torch.compile of the model (Triton kernels)
 - nccl 1 rank: the DDP worker path under torchrun (`--nproc-per-node 1`): the NCCL process group is
   made and torn down on a real GPU. With one GPU there is no second rank to all-reduce with.
@@ -50,6 +51,7 @@ VARIANTS = {
     "ema + basic augment + mixup/cutmix": {
         "train": {"ema": 0.999},
         "augment": {"preset": "basic", "mixup_alpha": 0.2, "cutmix_alpha": 1.0}},
+    "cudnn_benchmark": {"train": {"cudnn_benchmark": True}},
     "compile": {"train": {"compile": True}},
 }
 

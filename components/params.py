@@ -141,6 +141,7 @@ class Train(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = False
     compile: bool = False
+    cudnn_benchmark: bool = False
     ema: float = Field(0.0, ge=0.0, lt=1.0)
     early_stopping_patience: int = Field(0, ge=0, le=10_000)
     early_stopping_metric: Literal["val_acc", "val_loss"] = "val_loss"

@@ -39,18 +39,26 @@ def runtime(cfg) -> tuple[torch.device, str]:
 
 
 @contextlib.contextmanager
-def deterministic(device: torch.device):
-    """Deterministic kernels on CPU (where they cost nothing); cuDNN autotuning on GPUs."""
-    before = torch.are_deterministic_algorithms_enabled()
+def deterministic(device: torch.device, cudnn_benchmark: bool = False):
+    """Deterministic kernels on CPU (where they cost nothing); TF32 and, when asked
+    (train.cudnn_benchmark), cuDNN autotuning on GPUs.
+
+    Autotuning times every candidate kernel for each new input shape, in the first epoch: on an
+    H200 that made epoch 1 of simple_cnn on MNIST 1-2.5 s longer than raw_loop.py's, and of
+    resnet_cifar 8-13 s longer than its later epochs (bench/RESULTS.md, "GPU"). Small models are
+    bound by kernel launches, where the kernel chosen matters little; long runs of large ones
+    can win it back."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     else:
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before)
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
 
 
 # mallopt's parameters, from glibc's malloc.h.

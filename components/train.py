@@ -64,8 +64,8 @@ LOG_EVERY = 25  # steps between progress updates and non-finite checks (each one
 MIN_BATCH = 2  # halving on out-of-memory stops here: batch norm needs two samples
 # Settings that change where or how fast a run computes, not what: resuming with other values of
 # these is still the same run.
-SAME_RUN_KEYS = {"resume", "device", "devices", "compile", "device_data_mb", "max_bad_steps",
-                 "early_stopping_patience"}
+SAME_RUN_KEYS = {"resume", "device", "devices", "compile", "cudnn_benchmark", "device_data_mb",
+                 "max_bad_steps", "early_stopping_patience"}
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -169,7 +169,7 @@ def _train(params: Params, device, precision: str, world: ddp.World,
     fingerprint = _fingerprint(params, manifest, policy)
     if device.type == "cpu":
         recipe.keep_freed_memory()
-    with recipe.deterministic(device):
+    with recipe.deterministic(device, cfg.cudnn_benchmark):
         recipe.seed(cfg.seed)
         loop, spec = _build(params, manifest, policy, device, precision, world)
         prog = Progress(batch_size=cfg.batch_size)

@@ -24,6 +24,7 @@ import torch.nn as nn
 from timm.models import register_model
 
 from components import checkpoint as ckpt
+from components import recipe
 from components.augment import augment
 from components.params import ParamsError, UserError, load_params
 from components.prepare import prepare
@@ -406,6 +407,23 @@ def test_no_weight_decay_on_biases_and_norms(tmp_path, data, optimizer):
         assert ndims == ({2, 4} if group["weight_decay"] else {1})
     if optimizer == "sgd":
         assert groups[0]["nesterov"] and groups[0]["momentum"] == 0.8
+
+
+@pytest.mark.parametrize("benchmark", [False, True])
+def test_cudnn_autotuning_follows_the_setting_on_a_gpu_and_is_restored_after(benchmark):
+    # Setting the flags needs no GPU: this checks what a CUDA run gets (bench_cuda.py runs one
+    # for real).
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = not benchmark
+        with recipe.deterministic(torch.device("cuda"), benchmark):
+            assert torch.backends.cudnn.benchmark is benchmark
+        assert torch.backends.cudnn.benchmark is not benchmark
+        with recipe.deterministic(torch.device("cpu"), benchmark):
+            assert torch.backends.cudnn.benchmark is not benchmark  # a CPU run leaves it
+            assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 @pytest.mark.parametrize("precision,channels_last", [("bf16", False), ("fp32", True),
