@@ -196,8 +196,8 @@ def test_model_file_rebuilds_the_model_and_predicts_what_training_measured(tmp_p
 
 
 def test_two_runs_with_the_same_seed_are_identical(tmp_path, data):
-    # Promised on the CPU. On a GPU, cuDNN's autotuned kernels may add in another order: two
-    # runs on an H200 differed in conv1.weight (bench/RESULTS.md, "GPU").
+    # Promised on the CPU. On a GPU some kernels (cuDNN's backward passes among them) add in a
+    # varying order: two runs on an H200 differed in conv1.weight (bench/RESULTS.md, "GPU").
     results = []
     for name in ("a", "b"):
         params, _ = settings(tmp_path / name, data, "train.epochs=2", "train.device=cpu",
