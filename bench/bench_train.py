@@ -1,6 +1,6 @@
 """The train step on real MNIST, side by side with ../shared/bench's reference scripts.
 
-Cases (`--only` picks one; all run by default, in this order):
+Cases (`--only` picks one; by default all run in this order, resnet_cifar on CUDA only):
 - overhead: raw_loop.py's settings (simple_cnn, batch 128, Adam 1e-3 — AdamW with weight decay 0
   is the same update — fp32, no augmentation, no label smoothing, warmup, EMA or clipping) once
   contiguous and once channels_last: train's images/s over raw_loop.py's. Target >= 0.97.
@@ -12,7 +12,7 @@ Cases (`--only` picks one; all run by default, in this order):
   (digits) through prepare, augment and train; test accuracy of each.
 - resnet_cifar: images/s of resnet_cifar on 32×32×3 (CIFAR-10 files of 50,000 synthetic training
   images, written here in the real format) at fp32 and bf16, contiguous and channels_last; the
-  last epoch of each run, after cuDNN's autotuning in the first. Runs by default on CUDA only.
+  last epoch of each run (the first loads kernels, and autotunes them if train.cudnn_benchmark).
 
 `--device cuda` trains ours on the GPU (train.device=cuda) and the references as their user would
 there: a copy of each script with its model and tensors moved to the GPU, and the GPU synchronised
