@@ -73,47 +73,43 @@ def settings(folder: Path, mnist: Path, name: str, changes: dict, epochs: int) -
     return raw
 
 
-def report(name: str, history: Path, result: dict, wall: float) -> dict:
-    rows = json.loads(history.read_text())
-    return emit({"variant": name, "ok": True, "images_per_s": [r["images_per_s"] for r in rows],
-                 "val_acc": rows[-1]["val_acc"], "device": result.get("device"),
-                 "precision": result.get("precision"), "wall_s": round(wall, 1)})
+def in_process(params) -> dict:
+    return vars(train(params))
 
 
-def one(folder: Path, mnist: Path, name: str, changes: dict, epochs: int) -> bool:
+def under_torchrun(params) -> dict:
+    """The DDP worker path: torchrun with one rank; the result the worker printed."""
+    path = Path(f"{params.paths.train}.yaml")
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+         "-m", "components.train", "--params", str(path)],
+        cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"torchrun exited with {proc.returncode}: {proc.stderr[-3000:]}")
+    out = "\n" + proc.stdout  # the step prints its result last, as indented JSON
+    return json.loads(out[out.rindex("\n{") + 1:])
+
+
+def one(folder: Path, mnist: Path, name: str, changes: dict, epochs: int,
+        run=in_process) -> bool:
     try:
         params = validate(settings(folder, mnist, name, changes, epochs))
         if not Path(params.paths.prepared).exists():
             prepare(params)
         augment(params)
         t0 = time.perf_counter()
-        result = train(params)
-        report(name, Path(result.history_path), vars(result), time.perf_counter() - t0)
+        result = run(params)
+        wall = time.perf_counter() - t0
+        rows = json.loads(Path(result["history_path"]).read_text())
+        emit({"variant": name, "ok": True, "images_per_s": [r["images_per_s"] for r in rows],
+              "val_acc": rows[-1]["val_acc"], "device": result["device"],
+              "precision": result["precision"], "wall_s": round(wall, 1)})
         return True
     except Exception as exc:  # a bench of many paths: report each failure and go on
         emit({"variant": name, "ok": False, "error": f"{type(exc).__name__}: {exc}",
               "traceback": traceback.format_exc()[-2000:]})
         return False
-
-
-def nccl_one_rank(folder: Path, mnist: Path, epochs: int) -> bool:
-    name = "nccl 1 rank"
-    raw = settings(folder, mnist, name, {}, epochs)
-    params = validate(raw)
-    augment(params)
-    path = folder / "nccl.yaml"
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-         "-m", "components.train", "--params", str(path)],
-        cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode:
-        emit({"variant": name, "ok": False, "error": proc.stderr[-3000:]})
-        return False
-    report(name, Path(params.paths.train) / "history.json",
-           {"device": "cuda", "precision": params.train.precision}, time.perf_counter() - t0)
-    return True
 
 
 def main() -> None:
@@ -127,9 +123,10 @@ def main() -> None:
           "device": torch.cuda.get_device_name(), "bf16": torch.cuda.is_bf16_supported()})
     with tempfile.TemporaryDirectory(prefix="bench_cuda-") as tmp:
         folder = Path(tmp)
-        ok = [one(folder, args.mnist.resolve(), name, changes, args.epochs)
+        mnist = args.mnist.resolve()
+        ok = [one(folder, mnist, name, changes, args.epochs)
               for name, changes in VARIANTS.items()]
-        ok.append(nccl_one_rank(folder, args.mnist.resolve(), args.epochs))
+        ok.append(one(folder, mnist, "nccl 1 rank", {}, args.epochs, run=under_torchrun))
     sys.exit(0 if all(ok) else 1)
 
 

@@ -44,11 +44,12 @@ def deterministic(device: torch.device, cudnn_benchmark: bool = False):
     (train.cudnn_benchmark), cuDNN autotuning on GPUs.
 
     Autotuning times every candidate kernel for each new input shape, in the first epoch: on an
-    H200 that made epoch 1 of simple_cnn on MNIST 1-2.5 s longer than raw_loop.py's, and of
-    resnet_cifar 8-13 s longer than its later epochs (bench/RESULTS.md, "GPU"). Small models are
+    H200 that made epoch 1 of simple_cnn on MNIST 0.7-2.2 s longer than raw_loop.py's, and of
+    resnet_cifar 5-13 s longer than its second (bench/RESULTS.md, "GPU"). Small models are
     bound by kernel launches, where the kernel chosen matters little; long runs of large ones
     can win it back."""
-    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_benchmark = torch.backends.cudnn.benchmark
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     else:
@@ -57,8 +58,8 @@ def deterministic(device: torch.device, cudnn_benchmark: bool = False):
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before[0])
-        torch.backends.cudnn.benchmark = before[1]
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.backends.cudnn.benchmark = was_benchmark
 
 
 # mallopt's parameters, from glibc's malloc.h.
