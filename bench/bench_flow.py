@@ -56,7 +56,7 @@ def direct(overrides: list[str]) -> None:
     params = load_params("params.yaml", overrides)
     prepare.prepare(params)
     augment.augment(params)
-    tracked(train.train)(params)
+    tracked(train.train, "start")(params)
     tracked(evaluate.evaluate)(params)
     tracked(register.register)(params)
 

@@ -85,6 +85,8 @@ def tracked_run(params) -> dict:
     in_loop, delivery = Meter(), Meter(time.thread_time)
     start = time.perf_counter()
     tracker = tracking.Tracker.start(params)
+    tracker.on_train_start(0)  # the run, as train opens it when it starts fresh
+    tracker.on_train_start = lambda resumed_from: None
     start_s = time.perf_counter() - start
     tracker.outbox._send = delivery.wrap(tracker.outbox._send)  # runs in the delivery thread
     tracker.on_epoch_end = in_loop.wrap(tracker.on_epoch_end)

@@ -48,6 +48,8 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
     A folder cannot be swapped in one rename, so the old one is first renamed aside; if a kill
     lands between the two renames, the next call puts the old folder back before it starts.
+    The old folder's .gitignore comes along: DVC lists there the outputs that git must not track,
+    and writes it again only when it runs the stage itself, not when a step is run by hand.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +68,9 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    ignored = final / ".gitignore"
+    if ignored.is_file() and not (tmp / ".gitignore").exists():
+        shutil.copy2(ignored, tmp / ".gitignore")
     if final.exists():
         final.rename(old)
     tmp.rename(final)

@@ -31,14 +31,15 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from components import files, gallery
 from components.atomic import atomic_dir, write_json
-from components.params import Augment, Params, UserError, run_step
+from components.cli import run_step
+from components.params import Augment, Params, UserError
 from components.prepared import class_names, load_split, read_manifest
 from components.transforms import (
     AUTOAUGMENT_TABLES,
     COLOUR_ONLY_OPS,
     OPS,
-    POLICY_FILE,
     POLICY_VERSION,
     RANDAUGMENT_OPS,
     UNITS,
@@ -46,7 +47,6 @@ from components.transforms import (
     op_magnitude,
 )
 
-PREVIEW_FILE = "preview.png"
 CELL_INCHES = 1.0  # one image of the preview grid
 LINE_INCHES = 0.17  # one line of the policy summary above the grid
 DPI = 100
@@ -72,15 +72,15 @@ def augment(params: Params) -> AugmentResult:
     summary = describe(policy)
     cfg = params.augment
     with atomic_dir(params.paths.augment) as out:
-        write_json(out / POLICY_FILE, policy)
+        write_json(out / files.POLICY, policy)
         render_preview(
-            out / PREVIEW_FILE, train.x, train.y, class_names(manifest), policy,
+            out / files.PREVIEW, train.x, train.y, class_names(manifest), policy,
             cfg.preview_images, cfg.preview_views,
         )
     folder = Path(params.paths.augment)
     return AugmentResult(
-        policy=folder / POLICY_FILE,
-        preview=folder / PREVIEW_FILE,
+        policy=folder / files.POLICY,
+        preview=folder / files.PREVIEW,
         preset=cfg.preset,
         summary=summary,
         soft_targets=policy["mixup_alpha"] > 0 or policy["cutmix_alpha"] > 0,
@@ -233,31 +233,27 @@ def render_preview(
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     fig.suptitle(header, fontsize=8, y=1 - 0.5 * LINE_INCHES * DPI / height, va="top")
     top = 1 - LINE_INCHES * (lines + 1) * DPI / height
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.08, hspace=0.3)
-    grid = fig.subplots(images, 1 + views, squeeze=False)
+    cells: list[np.ndarray | None] = []
+    captions: list[tuple[str, dict]] = []
     for i in range(images):
-        for j in range(1 + views):
-            ax = grid[i, j]
-            ax.set_axis_off()
-            if i >= n:
-                continue
-            if j == 0:
-                _show(ax, originals[i])
-                ax.set_title(names[int(labels[i])], fontsize=8, fontweight="bold")
-            else:
-                seen, target = columns[j - 1]
-                _show(ax, seen[i])
-                if target.dim() == 2:
-                    ax.set_title(_mixed(target[i], names), fontsize=6)
+        if i >= n:
+            cells += [None] * (1 + views)
+            captions += [("", {})] * (1 + views)
+            continue
+        cells.append(_pixels(originals[i]))
+        captions.append((names[int(labels[i])], {"fontsize": 8, "fontweight": "bold"}))
+        for seen, target in columns:
+            cells.append(_pixels(seen[i]))
+            captions.append((_mixed(target[i], names) if target.dim() == 2 else "",
+                             {"fontsize": 6}))
+    gallery.draw(fig.add_axes((0.01, 0.01, 0.98, top - 0.01)), cells, captions, 1 + views,
+                 caption_inches=LINE_INCHES)
     fig.savefig(path, format="png")
 
 
-def _show(ax: Any, image: torch.Tensor) -> None:
-    pixels = image.clamp(0, 1).permute(1, 2, 0).numpy()
-    if pixels.shape[2] == 1:
-        ax.imshow(pixels[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    else:
-        ax.imshow(pixels, interpolation="nearest")
+def _pixels(image: torch.Tensor) -> np.ndarray:
+    """A C×H×W image in [0, 1] as H×W×C uint8."""
+    return image.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def _mixed(target: torch.Tensor, names: list[str]) -> str:

@@ -9,6 +9,13 @@ Under DDP (components.ddp) every rank loads the same splits and reads only the r
 share: `epoch_order` is the same shuffled order on every rank and `share` cuts each global batch
 into one piece per rank.
 
+With `train.sampler: balanced`, `BalancedOrder` replaces `epoch_order`: each epoch is as many
+indices as the split has images (epochs keep their length and cost), drawn with replacement so
+that every class present is drawn equally often (to within one). It is a function of (seed,
+epoch) and the labels alone, like `epoch_order`, so every rank draws the same epoch and takes its
+share of it, a resumed run draws what the uninterrupted one did, and resident and streamed data
+see the same indices (a streamed batch reads a repeated row twice).
+
     from components.batches import load_images
     train_data, val_data = load_images("data/prepared", torch.device("cpu"),
                                        torch.contiguous_format, budget_mb=4096)
@@ -65,6 +72,26 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled order of epoch `epoch`: the same on every rank, and on a resumed run."""
     g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     return torch.randperm(n, generator=g)
+
+
+class BalancedOrder:
+    """`(seed, epoch) -> indices` of a class-balanced epoch of `labels` (see the module doc)."""
+
+    def __init__(self, labels: np.ndarray):
+        labels = np.asarray(labels)
+        self.n = len(labels)
+        # Members of each class present, in index order: the draw depends on nothing else.
+        self.groups = [torch.from_numpy(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+
+    def __call__(self, seed: int, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        k = len(self.groups)
+        per_class = torch.full((k,), self.n // k, dtype=torch.int64)
+        per_class[torch.randperm(k, generator=g)[: self.n % k]] += 1  # the remainder, at random
+        drawn = [members[torch.randint(len(members), (int(m),), generator=g)]
+                 for members, m in zip(self.groups, per_class, strict=True)]
+        order = torch.cat(drawn)
+        return order[torch.randperm(self.n, generator=g)]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int | None = None) -> int:

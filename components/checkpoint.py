@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from components import models
+from components import files, models
 from components.atomic import atomic_file
 from components.params import UserError
 from components.prepared import class_names
@@ -33,7 +33,7 @@ MODEL_FORMAT = "cnn-pipeline/model@1"
 
 
 def sha256_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
+    return path.with_name(path.name + files.HASH_SUFFIX)
 
 
 def _digest(path: Path) -> str:
@@ -139,11 +139,30 @@ def prepare_input(images, meta: dict[str, Any], device=None) -> torch.Tensor:
     return torch.addcmul(shift, x.float(), scale)
 
 
+class Classifier(torch.nn.Module):
+    """uint8 N×H×W×C images in, class probabilities out: the training normalisation travels
+    inside the model (the register gate scores it, the ONNX export exports it)."""
+
+    def __init__(self, net: torch.nn.Module, meta: dict[str, Any]):
+        super().__init__()
+        self.net = net.eval()
+        scale, shift = scale_shift(meta["mean"], meta["std"])
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.addcmul(self.shift, images.permute(0, 3, 1, 2).float(), self.scale)
+        return self.net(x).float().softmax(dim=1)
+
+
 def model_file(spec: dict, manifest: dict, weights: dict, **extra) -> dict[str, Any]:
-    """The contents of a model.pt: weights, how to build the model, and how to feed it."""
+    """The contents of a model.pt: weights, how to build the model, and how to feed it: all that
+    preprocessing a new image needs (size, channels, resize policy, smallest side, normalisation)
+    travels in it, so a model file scores images with nothing beside it."""
     return {
         "format": MODEL_FORMAT, "model": spec, "classes": class_names(manifest),
         "image_size": manifest["image_size"], "channels": manifest["channels"],
+        "resize": manifest.get("resize"), "min_side": manifest.get("min_side"),
         "mean": manifest["mean"], "std": manifest["std"],
         "data": {"source": manifest.get("source"), "hashes": manifest.get("hashes")},
         **extra, "state_dict": weights,
@@ -156,7 +175,9 @@ def load_model(
     """Rebuild the model saved in a model.pt: (module in eval mode on `device`, meta).
 
     meta: model (name, kwargs for create_model), classes (names, by index), image_size [H, W],
-    channels, mean and std (0-1 scale), data (source, hashes), epoch and metrics of the weights.
+    channels, mean and std (0-1 scale), data (source, hashes), epoch and metrics of the weights,
+    and reference: the test split as train scored it, for batch prediction's drift check
+    (components/drift.py; absent from files written before it, or without a test split).
     """
     saved = _load_model_file(path, str(path))
     meta = {k: v for k, v in saved.items() if k != "state_dict"}
@@ -188,7 +209,7 @@ def _load_model_file(path: str | Path, what: str) -> dict:
     saved = load(path, require_hash=False, what=what)
     if saved.get("format") != MODEL_FORMAT:
         raise UserError(f"{what} is not a model file written by the train step (format "
-                        f"{saved.get('format')!r}, expected {MODEL_FORMAT}); use its model.pt")
+                        f"{saved.get('format')!r}, expected {MODEL_FORMAT}); use its {files.MODEL}")
     return saved
 
 
@@ -197,9 +218,9 @@ def resolve_model_uri(uri: str) -> Path:
     if Path(uri).exists() or not re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", uri):
         path = Path(uri)
         if path.is_dir():
-            path = path / "model.pt"
+            path = path / files.MODEL
         if not path.is_file():
-            raise UserError(f"model.checkpoint = {uri}: no such file; give a model.pt path")
+            raise UserError(f"model.checkpoint = {uri}: no such file; give a {files.MODEL} path")
         return path
     import mlflow  # only when a URI asks for it: mlflow is slow to import
 
@@ -209,19 +230,10 @@ def resolve_model_uri(uri: str) -> Path:
         raise UserError(
             f"model.checkpoint = {uri}: cannot download it from MLflow: {err}"
         ) from None
-    found = [local] if local.is_file() else sorted(local.rglob("model.pt"))
+    found = [local] if local.is_file() else sorted(local.rglob(files.MODEL))
     if not found:
-        raise UserError(f"model.checkpoint = {uri}: the artifacts hold no model.pt")
+        raise UserError(f"model.checkpoint = {uri}: the artifacts hold no {files.MODEL}")
     return found[0]
-
-
-def fingerprint(**parts: Any) -> dict[str, Any]:
-    """What a resumable run must share with the run that wrote last.pt: `parts` (settings, data,
-    policy: JSON-like values) and the source of the code that trains."""
-    code = hashlib.sha256()
-    for module in ("train", "checkpoint", "models", "transforms"):
-        code.update(Path(__file__).with_name(f"{module}.py").read_bytes())
-    return {**parts, "code": code.hexdigest()}
 
 
 def changes(old: Any, new: Any, prefix: str = "") -> list[str]:

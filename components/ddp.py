@@ -37,7 +37,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -46,16 +46,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import yaml
-from timm.models import is_model, model_entrypoint
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 
+from components import files
 from components.atomic import atomic_file, write_json
-from components.params import Params, UserError
+from components.models import BUILTINS
+from components.params import DEFAULT_PARAMS, Params, UserError
 
 __all__ = ["record"]  # main() wraps train in it: a worker's exception lands in its error.json
 
-FOLDER = "ddp"  # under paths.train: params.yaml, started.json, result.json, logs/
+WORKER_MODULE = "components.train"  # what torchrun runs with `-m`
+LOADED_BY_NAME = (WORKER_MODULE,)  # components/step_code.py counts it as imported from here
 WORKER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 MODEL_MODULES_ENV = "CNN_PIPELINE_MODEL_MODULES"
 TIMEOUT_ENV = "CNN_PIPELINE_DDP_TIMEOUT_S"
@@ -114,31 +116,34 @@ def device_count(cfg, device: torch.device) -> int:
 # --- the parent ------------------------------------------------------------------------------
 
 
-def launch(params: Params, n: int, on_epoch_end: Sequence[Callable]) -> dict[str, Any]:
-    """Run train on `n` processes through torchrun; rank 0's TrainResult fields, as a dict."""
-    folder = Path(params.paths.train) / FOLDER
+def launch(params: Params, n: int, callbacks: Sequence[Any]) -> dict[str, Any]:
+    """Run train on `n` processes through torchrun; rank 0's TrainResult fields, as a dict.
+    The callbacks hear where the workers start and every epoch they finish, as in one process."""
+    folder = Path(params.paths.train) / files.DDP
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     settings = params.model_dump(mode="json")
     settings["train"]["devices"] = n
-    with atomic_file(folder / "params.yaml") as tmp:
+    with atomic_file(folder / DEFAULT_PARAMS) as tmp:
         tmp.write_text(yaml.safe_dump(settings, sort_keys=False))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc-per-node", str(n), "--log-dir", str(folder / "logs"),
            "--redirects", "3", "--tee", "3", "--local-ranks-filter", "0",
-           "-m", "components.train", "--params", str(folder / "params.yaml")]
+           "-m", WORKER_MODULE, "--params", str(folder / DEFAULT_PARAMS)]
     proc = subprocess.Popen(cmd, env=_worker_env(params, n), stdout=2, stderr=2)
     try:
-        followed = _follow(proc, Path(params.paths.train), on_epoch_end)
+        followed = _follow(proc, Path(params.paths.train), callbacks)
     finally:
         if proc.poll() is None:  # the parent was interrupted: take the workers down with it
             proc.terminate()
             proc.wait()
     if proc.returncode != 0:
         raise _failure(folder / "logs", proc.returncode, n, Path(params.paths.train))
-    result = json.loads((folder / "result.json").read_text())
+    result = json.loads((folder / files.RESULT).read_text())
+    if followed is None:  # over before the parent saw where it started
+        started(callbacks, result["resumed_from"])
     after = result["resumed_from"] if followed is None else followed
-    _deliver(Path(params.paths.train), after, result["epochs"], on_epoch_end)
+    _deliver(Path(params.paths.train), after, result["epochs"], callbacks)
     return result
 
 
@@ -160,6 +165,10 @@ def _worker_env(params: Params, n: int) -> dict[str, str]:
 
 def _model_module(name: str) -> str | None:
     """The module that registers `name` with timm, when the workers would not import it."""
+    if name in BUILTINS:
+        return None  # made without timm, in components.models, which the workers import
+    from timm.models import is_model, model_entrypoint
+
     if not is_model(name):
         return None  # create_model will say so in the workers, with suggestions
     module = model_entrypoint(name).__module__
@@ -169,7 +178,7 @@ def _model_module(name: str) -> str | None:
     return None if module.startswith(("timm.", "components.")) else module
 
 
-def _follow(proc: subprocess.Popen, out: Path, on_epoch_end: Sequence[Callable]) -> int | None:
+def _follow(proc: subprocess.Popen, out: Path, callbacks: Sequence[Any]) -> int | None:
     """Hand history rows to the callbacks as rank 0 writes them, until the workers end; the
     last epoch delivered (None: rank 0 had not said where it started)."""
     delivered, seen = None, None
@@ -179,29 +188,38 @@ def _follow(proc: subprocess.Popen, out: Path, on_epoch_end: Sequence[Callable])
             return delivered
         except subprocess.TimeoutExpired:
             pass
-        started = out / FOLDER / "started.json"
-        if delivered is None and started.exists():
-            delivered = json.loads(started.read_text())["resumed_from"]
-        history = out / "history.json"
+        said = out / files.DDP / files.STARTED
+        if delivered is None and said.exists():
+            delivered = json.loads(said.read_text())["resumed_from"]
+            started(callbacks, delivered)
+        history = out / files.HISTORY
         stamp = history.stat().st_mtime_ns if history.exists() else None
         if delivered is not None and stamp != seen:
             seen = stamp
-            delivered = _deliver(out, delivered, None, on_epoch_end)
+            delivered = _deliver(out, delivered, None, callbacks)
 
 
-def _deliver(out: Path, after: int, upto: int | None, on_epoch_end: Sequence[Callable]) -> int:
-    path = out / "history.json"
+def started(callbacks: Sequence[Any], resumed_from: int) -> None:
+    """Tell train's callbacks where the run starts (epochs already done): from train itself in
+    one process, from the parent for the workers."""
+    for cb in callbacks:
+        if hasattr(cb, "on_train_start"):
+            cb.on_train_start(resumed_from)
+
+
+def _deliver(out: Path, after: int, upto: int | None, callbacks: Sequence[Any]) -> int:
+    path = out / files.HISTORY
     rows = json.loads(path.read_text()) if path.exists() else []
     for row in rows:
         if row["epoch"] > after and (upto is None or row["epoch"] <= upto):
-            for callback in on_epoch_end:
-                callback(row["epoch"], row)
+            for cb in callbacks:
+                cb.on_epoch_end(row["epoch"], row)
             after = row["epoch"]
     return after
 
 
 def _failure(logs: Path, code: int, n: int, out: Path) -> DistributedTrainingError:
-    last = out / "checkpoints" / "last.pt"
+    last = out / files.CHECKPOINTS / files.LAST
     kept = (f"the last good checkpoint is {last}; run again to resume from it" if last.exists()
             else "no checkpoint was written")
     errors = sorted(_recorded_errors(logs))
@@ -305,10 +323,10 @@ def barrier(world: World) -> None:
 def announce(out: Path, world: World, resumed_from: int) -> None:
     """Rank 0 tells the parent which history rows are new (those after `resumed_from`)."""
     if world.distributed and world.main:
-        write_json(out / FOLDER / "started.json", {"resumed_from": resumed_from})
+        write_json(out / files.DDP / files.STARTED, {"resumed_from": resumed_from})
 
 
 def hand_back(out: Path, world: World, result: dict[str, Any]) -> None:
     """Rank 0's result, for the parent to return."""
     if world.distributed and world.main:
-        write_json(out / FOLDER / "result.json", result)
+        write_json(out / files.DDP / files.RESULT, result)

@@ -12,7 +12,11 @@ EMA weights train kept) and `paths.train`/history.json, and the `evaluate` setti
   confusion.png and confusion_normalized.png (rows sum to 1: per-class recall on the diagonal);
 - calibration.csv (per bin: confidence, accuracy, count) and calibration.png, the reliability
   diagram; ECE uses `calibration_bins` equal-width bins of the top-class probability;
-- mistakes.png: the most confident wrong answers; curves.png: loss and accuracy per epoch.
+- mistakes.png: the most confident wrong answers; curves.png: loss and accuracy per epoch;
+- reference.json: what batch prediction's drift check compares new images with
+  (components/drift.py), as evaluate scored the test split (test-time flips included): train's
+  per-channel pixel statistics and input shape, and the test split's predicted-class shares and
+  confidences. model.pt carries the same, measured by train without flips.
 
     python -m components.evaluate [--params params.yaml] [--set evaluate.tta_flip=true ...]
 
@@ -37,9 +41,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay, classification_report, top_k_accuracy_score
 
+from components import drift, files, gallery
 from components.atomic import atomic_dir, write_json
 from components.checkpoint import load_model
-from components.params import Params, UserError, run_step
+from components.cli import run_step
+from components.params import Params, UserError
 from components.predict import pick_device, score
 from components.prepared import class_names, load_split, read_manifest
 
@@ -90,7 +96,7 @@ def evaluate(params: Params, tracker: Tracker | None = None) -> EvaluateResult:
     if len(test.y) == 0:
         raise UserError(f"{root} has no test images; set data.test_fraction > 0 and prepare again")
     device = pick_device(cfg.device)
-    model_path = Path(params.paths.train) / "model.pt"
+    model_path = Path(params.paths.train) / files.MODEL
     model, meta = load_model(model_path, device)
     _check_model_fits(meta, manifest, names, model_path)
     s = Scores(np.asarray(test.y), score(model, meta, test.x, device, cfg.batch_size, cfg.tta_flip))
@@ -98,29 +104,36 @@ def evaluate(params: Params, tracker: Tracker | None = None) -> EvaluateResult:
     table = _calibration(s.confidence, s.pred == s.y, cfg.calibration_bins)
     metrics["ece"] = _round(table["gap"] @ table["count"] / len(s.y))
     metrics = _ordered(metrics)
-    history = _read_history(Path(params.paths.train) / "history.json")
+    history = _read_history(Path(params.paths.train) / files.HISTORY)
     with atomic_dir(params.paths.evaluate) as out:
-        write_json(out / "metrics.json", metrics)
-        write_json(out / "classification_report.json", report)
-        (out / "classification_report.txt").write_text(_report_text(s, names, metrics))
-        _write_predictions(out / "predictions.csv", s, names)
-        _write_csv(out / "confusion.csv", ["actual", "predicted"],
+        write_json(out / files.METRICS, metrics)
+        write_json(out / files.REPORT_JSON, report)
+        (out / files.REPORT_TXT).write_text(_report_text(s, names, metrics))
+        _write_predictions(out / files.PREDICTIONS, s, names)
+        write_json(out / files.REFERENCE, _reference(s, names, meta, cfg.tta_flip))
+        _write_csv(out / files.CONFUSION_CSV, ["actual", "predicted"],
                    ([names[t], names[p]] for t, p in zip(s.y, s.pred, strict=True)))
-        _write_csv(out / "calibration.csv", ["bin", "lower", "upper", "confidence", "accuracy",
-                                             "count"], _calibration_rows(table))
-        for normalize, name in ((None, "confusion.png"), ("true", "confusion_normalized.png")):
+        _write_csv(out / files.CALIBRATION_CSV, ["bin", "lower", "upper", "confidence",
+                                                 "accuracy", "count"], _calibration_rows(table))
+        for normalize, name in ((None, files.CONFUSION_PNG),
+                                ("true", files.CONFUSION_NORMALIZED_PNG)):
             _save(_confusion_figure(s, names, normalize), out / name)
-        _save(_calibration_figure(table, metrics["ece"]), out / "calibration.png")
-        _save(_mistakes_figure(s, test.x, names, cfg.mistakes), out / "mistakes.png")
-        _save(_curves_figure(history, meta.get("epoch")), out / "curves.png")
-        files = sorted(p.name for p in out.iterdir())
+        _save(_calibration_figure(table, metrics["ece"]), out / files.CALIBRATION_PNG)
+        _save(_mistakes_figure(s, test.x, names, cfg.mistakes), out / files.MISTAKES_PNG)
+        _save(_curves_figure(history, meta.get("epoch")), out / files.CURVES_PNG)
+        written = sorted(p.name for p in out.iterdir())
     final = Path(params.paths.evaluate)
     if tracker is not None:
         tracker.log_metrics(_flat_metrics(metrics))
-        tracker.log_artifacts([final / f for f in files], "evaluate")
+        tracker.log_artifacts([final / f for f in written], "evaluate")
     return EvaluateResult(str(final), metrics["n_test"], metrics["accuracy"], metrics.get("top5"),
                           metrics["macro_f1"], metrics["weighted_f1"], metrics["ece"],
                           metrics["loss"])
+
+
+def _reference(s: Scores, names: list[str], meta: dict, tta_flip: bool) -> dict[str, Any]:
+    """reference.json: what model.pt carries (drift.carried), its test figures as scored here."""
+    return drift.carried(meta) | {"test": drift.reference(s.logp, names, tta_flip)}
 
 
 def _check_model_fits(meta: dict, manifest: dict, names: list[str], path: Path) -> None:
@@ -235,6 +248,16 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=DPI)
 
 
+def _fixed_layout(fig: Figure, left: float = 0.8, right: float = 0.25, top: float = 0.45,
+                  bottom: float = 0.6, **spacing: float) -> Figure:
+    """Margins in inches, for a figure whose labels have a known size. Constrained layout would
+    measure every artist in a drawing pass of its own first: a third of a figure's time."""
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height,
+                        bottom=bottom / height, **spacing)
+    return fig
+
+
 def _confusion_figure(s: Scores, names: list[str], normalize: str | None) -> Figure:
     n = len(names)
     side = min(16.0, max(4.5, 0.45 * n + 2))
@@ -250,13 +273,15 @@ def _confusion_figure(s: Scores, names: list[str], normalize: str | None) -> Fig
     if labels is None:  # the display numbers every tick; with many classes that is a smear
         ax.set_xticks([])
         ax.set_yticks([])
+    for number in ax.texts:  # inside the matrix: the layout need not measure each of them
+        number.set_in_layout(False)
     what = "share of each true class" if normalize else "test images"
     ax.set_title(f"Confusion matrix ({what}), accuracy {np.mean(s.pred == s.y):.4f}")
     return fig
 
 
 def _calibration_figure(table: dict[str, np.ndarray], ece: float) -> Figure:
-    fig = Figure(figsize=(5.5, 6.5), layout="constrained")
+    fig = _fixed_layout(Figure(figsize=(5.5, 6.5)), hspace=0.08)
     top, bottom = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
     width = table["upper"] - table["lower"]
     used = table["count"] > 0
@@ -282,18 +307,13 @@ def _mistakes_figure(s: Scores, x: np.ndarray, names: list[str], limit: int) -> 
                                "Gallery off (evaluate.mistakes = 0)")
     cols = min(8, len(worst))
     rows = math.ceil(len(worst) / cols)
-    fig = Figure(figsize=(1.6 * cols, 1.9 * rows + 0.4), layout="constrained")
-    fig.suptitle(f"Most confident mistakes ({len(worst)} of {len(wrong)} wrong)")
-    for k, ax in enumerate(fig.subplots(rows, cols, squeeze=False).flat):
-        ax.set_axis_off()
-        if k >= len(worst):
-            continue
-        i = worst[k]
-        image = np.asarray(x[i])
-        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0,
-                  vmax=255, interpolation="nearest")
-        ax.set_title(f"true {_short(names[s.y[i]])}\npred {_short(names[s.pred[i]])} "
-                     f"{s.confidence[i]:.2f}", fontsize=8)
+    fig = Figure(figsize=(1.6 * cols, 1.9 * rows + 0.4))
+    fig.suptitle(f"Most confident mistakes ({len(worst)} of {len(wrong)} wrong)",
+                 y=1 - 0.05 / fig.get_figheight(), va="top")
+    ax = fig.add_axes((0.01, 0.01, 0.98, 0.99 - 0.4 / fig.get_figheight()))
+    captions = [(f"true {_short(names[s.y[i]])}\npred {_short(names[s.pred[i]])} "
+                 f"{s.confidence[i]:.2f}", {"fontsize": 8}) for i in worst]
+    gallery.draw(ax, [np.asarray(x[i]) for i in worst], captions, cols, caption_inches=0.32)
     return fig
 
 
@@ -303,8 +323,8 @@ def _short(name: str) -> str:
 
 def _curves_figure(history: list[dict], best_epoch: int | None) -> Figure:
     if not history:
-        return _message_figure("No training history (history.json) to draw")
-    fig = Figure(figsize=(10, 4), layout="constrained")
+        return _message_figure(f"No training history ({files.HISTORY}) to draw")
+    fig = _fixed_layout(Figure(figsize=(10, 4)), wspace=0.15)
     epochs = [row["epoch"] for row in history]
     for ax, metric, title in zip(fig.subplots(1, 2), ("loss", "acc"), ("Loss", "Accuracy"),
                                  strict=True):
@@ -329,9 +349,7 @@ def _message_figure(text: str) -> Figure:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from components.tracking import tracked  # MLflow is the command line's; evaluate() runs without
-
-    run_step(tracked(evaluate), argv)
+    run_step(evaluate, argv, track="join")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 `scan_folder` walks a folder (one folder per class, or train/ val/ test/ each holding class
 folders) and sorts every file into a candidate image, an ignored file, or a rejected one.
-`decode` turns one file into an H×W×C uint8 array or raises `BadImage` with a reason code.
-Batch prediction uses `decode` too, so images are preprocessed exactly as in training.
+`decode` turns one file (or its bytes) into an H×W×C uint8 array or raises `BadImage` with a
+reason code. Batch prediction and the served model (components/serve.py) use `decode` too, so
+images are preprocessed exactly as in training.
 
 Resize policy (`data.resize`): `crop` scales the shorter side to the target and cuts the centre
 (torchvision's classic eval transform: no distortion, loses the borders); `pad` fits the whole
@@ -12,6 +13,8 @@ image inside and pads with white; `stretch` ignores the aspect ratio.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +23,15 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from components.params import UserError
+from components.preflight import data_root
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SPLIT_FOLDERS = {
     "train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test",
 }
 WHITE = (255, 255, 255)
+COLOUR_LOOK_PX = 64  # the colour check looks at a copy about this small
+COLOUR_TOLERANCE = 12  # JPEG leaves grey pictures a few levels apart across bands, not more
 
 
 class BadImage(Exception):
@@ -34,6 +40,15 @@ class BadImage(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class Seen:
+    """An image file as it was before decoding: its size and whether it shows colour."""
+
+    width: int
+    height: int
+    colour: bool
 
 
 @dataclass
@@ -61,12 +76,7 @@ class Scan:
 
 def scan_folder(root: str | Path) -> Scan:
     """Every file under `root`, sorted into candidates, rejects and ignored, in a stable order."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(
-            f"data.root = {str(root)!r}: folder not found; point data.root at a folder holding "
-            "one folder per class (or train/ val/ test/ folders each holding class folders)"
-        )
+    root = data_root(root)  # the check `python -m components.prepare` makes before its imports
     scan = Scan(root)
     real_root = os.path.realpath(root)
     seen: set[str] = {real_root}
@@ -181,13 +191,22 @@ def _scan_class(folder: Path, split: str | None, scan: Scan, real_root: str, see
                 scan.ignored += 1
 
 
-def decode(path: str | Path, size: int, channels: int, resize: str, min_side: int) -> np.ndarray:
-    """One file as a size×size×channels uint8 array, or BadImage saying why not."""
-    path = Path(path)
-    if path.stat().st_size == 0:
-        raise BadImage("empty", "zero-byte file")
+def decode(source: str | Path | bytes, size: int, channels: int, resize: str, min_side: int,
+           formats: tuple[str, ...] | None = None) -> np.ndarray:
+    """One file (a path, or its bytes as a request carries them) as a size×size×channels uint8
+    array, or BadImage saying why not. `formats` (Pillow's names, e.g. "PNG") limits what is
+    opened; None: any format Pillow reads."""
+    return decode_seen(source, size, channels, resize, min_side, formats, look=False)[0]
+
+
+def decode_seen(source: str | Path | bytes, size: int, channels: int, resize: str,
+                min_side: int, formats: tuple[str, ...] | None = None,
+                look: bool = True) -> tuple[np.ndarray, Seen | None]:
+    """`decode`, and what the file was before it (batch prediction's drift check needs both);
+    without `look`, None: prepare does not pay for the colour check."""
+    opened = _opened(source)
     try:
-        with Image.open(path) as img:
+        with Image.open(opened, formats=formats) as img:
             w, h = img.size
             # Pillow only warns between 1x and 2x its pixel limit; a bomb is a bomb. (Checked
             # here rather than by turning the warning into an error: decoding runs in threads,
@@ -197,21 +216,58 @@ def decode(path: str | Path, size: int, channels: int, resize: str, min_side: in
                                f"Pillow's limit of {Image.MAX_IMAGE_PIXELS}")
             if min(w, h) < min_side:
                 raise BadImage("too_small", f"{w}x{h} is below data.min_side = {min_side}")
+            mode = img.mode
             if resize != "stretch":
                 img.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode smaller
             img = ImageOps.exif_transpose(img)
             img.load()
+            # A colour JPEG drafted straight to grey no longer shows its colours: look again.
+            seen = None if not look else Seen(
+                w, h, _is_colour(img) if img.mode == mode else _file_is_colour(source))
             img = _to_mode(img, channels)
     except BadImage:
         raise
     except Image.DecompressionBombError as err:
         raise BadImage("decompression_bomb", str(err)) from None
     except UnidentifiedImageError:
-        raise BadImage("not_an_image", "not an image Pillow can read") from None
+        what = f"a {', '.join(formats)} image" if formats else "an image Pillow can read"
+        raise BadImage("not_an_image", f"not {what}") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError) as err:
         raise BadImage("corrupt", f"{type(err).__name__}: {err}") from None
     img = _resize(img, size, resize)
-    return np.asarray(img, dtype=np.uint8).reshape(size, size, channels)
+    return np.asarray(img, dtype=np.uint8).reshape(size, size, channels), seen
+
+
+def _is_colour(img: Image.Image) -> bool:
+    """Whether the picture shows colour: its bands differ somewhere (a grey picture saved as RGB
+    is grey). Looked at on a copy reduced to ~64 px a side, so a large photo costs little."""
+    if img.mode not in ("P", "PA") and Image.getmodebase(img.mode) == "L":
+        return False
+    small = img
+    if min(img.size) > 2 * COLOUR_LOOK_PX and img.mode not in ("P", "PA"):
+        with contextlib.suppress(ValueError):  # a mode reduce() does not take: look at it whole
+            small = img.reduce(min(img.size) // COLOUR_LOOK_PX)
+    rgb = np.asarray(small.convert("RGB"), dtype=np.int16)
+    return int((rgb.max(2) - rgb.min(2)).max(initial=0)) > COLOUR_TOLERANCE
+
+
+def _opened(source: str | Path | bytes) -> Path | io.BytesIO:
+    """What Image.open reads `source` from, after refusing an empty one."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        if not len(source):
+            raise BadImage("empty", "zero bytes")
+        return io.BytesIO(source)
+    path = Path(source)
+    if path.stat().st_size == 0:
+        raise BadImage("empty", "zero-byte file")
+    return path
+
+
+def _file_is_colour(source: str | Path | bytes) -> bool:
+    with Image.open(_opened(source)) as img:
+        img.draft("RGB", (COLOUR_LOOK_PX, COLOUR_LOOK_PX))  # JPEG: decoded at 1/8 scale at most
+        img.load()
+        return _is_colour(img)
 
 
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:

@@ -1,9 +1,17 @@
 """The tutorials' four CNNs, registered with timm, and `create_model` for any model by name.
 
-Importing this module registers `simple_cnn`, `lenet5`, `cifar_cnn` and `resnet_cifar` in timm's
-registry, so `timm.create_model("lenet5", num_classes=10, in_chans=1)` works like it does for
-`resnet18`. They follow timm's conventions: `pretrained_cfg` (input size, mean/std, classifier
-name), `forward_features`/`forward_head`, `get_classifier()`/`reset_classifier(n)`.
+The built-ins `simple_cnn`, `lenet5`, `cifar_cnn` and `resnet_cifar` are in timm's registry, so
+`timm.create_model("lenet5", num_classes=10, in_chans=1)` works like it does for `resnet18`. They
+follow timm's conventions: `pretrained_cfg` (input size, mean/std, classifier name),
+`forward_features`/`forward_head`, `get_classifier()`/`reset_classifier(n)`.
+
+Importing this module does not import timm: timm imports torchvision's models and ops with it,
+seconds that a step training or scoring a built-in never uses. `create_model` builds a built-in
+here, with the arguments timm's `create_model` would pass it (the same modules, drawing the same
+random numbers); timm is imported for timm models only (and for resnet_cifar, whose blocks are
+timm's BasicBlock). The built-ins enter timm's registry when timm is imported, whoever imports
+it: at once when it already is, else right after its own import (`_TimmHook`, a post-import hook
+on the import system's meta path).
 
 The train step calls `create_model(name, num_classes=, in_chans=, img_size=)` with the prepared
 data's shape, `replace_head` when a checkpoint's classes differ, and `head_parameters` to train only
@@ -15,18 +23,17 @@ for a timm model reads weights from the Hugging Face cache (or downloads them wh
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import importlib.abc
+import importlib.util
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-import huggingface_hub
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import to_2tuple
-from timm.models import build_model_with_cfg, get_pretrained_cfg, register_model
-from timm.models.resnet import BasicBlock
 
 from components.params import UserError
 
@@ -40,8 +47,8 @@ def _cfg(input_size, mean, std, **kwargs):
                 interpolation="bilinear", crop_pct=1.0, **{"first_conv": "conv1", **kwargs})
 
 
-# Read by @register_model, so it must exist before the entry points below. fixed_input_size is
-# timm's flag for "the constructor takes img_size": true where a dense layer sees the whole map.
+# Read by timm's register_model (from this module, by name). fixed_input_size is timm's flag for
+# "the constructor takes img_size": true where a dense layer sees the whole map.
 default_cfgs = {
     "simple_cnn": _cfg((1, 28, 28), MNIST_MEAN, MNIST_STD, fixed_input_size=True),
     "lenet5": _cfg((1, 32, 32), MNIST_MEAN, MNIST_STD, fixed_input_size=True),
@@ -52,7 +59,7 @@ BUILTINS = tuple(default_cfgs)
 
 
 def _side(name: str, img_size, min_side: int) -> tuple[int, int]:
-    h, w = to_2tuple(img_size)
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if min(h, w) < min_side:
         others = ", ".join(n for n in BUILTINS if n != name)
         raise UserError(
@@ -165,6 +172,8 @@ class CifarCNN(_Classifier):
 
 
 def _stage(cin: int, cout: int, n: int, stride: int) -> nn.Sequential:
+    from timm.models.resnet import BasicBlock
+
     down = None
     if stride != 1 or cin != cout:
         down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
@@ -202,7 +211,7 @@ class ResNetCifar(_Classifier):
         # Each residual branch starts at zero, so the net starts as a shallow one (Goyal et al.
         # 2017): steadier early training, which short runs on small data need most.
         for m in self.modules():
-            if isinstance(m, BasicBlock):
+            if hasattr(m, "zero_init_last"):  # timm's BasicBlock
                 m.zero_init_last()
 
     def forward_features(self, x):
@@ -214,33 +223,101 @@ class ResNetCifar(_Classifier):
 
 
 def _build(cls, name: str, pretrained: bool, **kwargs) -> nn.Module:
+    from timm.models import build_model_with_cfg
+
+    _refuse_pretrained(name, pretrained)
+    return build_model_with_cfg(cls, name, False, **kwargs)
+
+
+# timm's entry points (registered by _register_with_timm): timm.create_model calls them.
+def simple_cnn(pretrained: bool = False, **kwargs) -> SimpleCNN:
+    return _build(SimpleCNN, "simple_cnn", pretrained, **kwargs)
+
+
+def lenet5(pretrained: bool = False, **kwargs) -> LeNet5:
+    return _build(LeNet5, "lenet5", pretrained, **kwargs)
+
+
+def cifar_cnn(pretrained: bool = False, **kwargs) -> CifarCNN:
+    return _build(CifarCNN, "cifar_cnn", pretrained, **kwargs)
+
+
+def resnet_cifar(pretrained: bool = False, **kwargs) -> ResNetCifar:
+    return _build(ResNetCifar, "resnet_cifar", pretrained, **kwargs)
+
+
+CLASSES = {"simple_cnn": SimpleCNN, "lenet5": LeNet5, "cifar_cnn": CifarCNN,
+           "resnet_cifar": ResNetCifar}
+
+
+def _refuse_pretrained(name: str, pretrained: bool) -> None:
     if pretrained:
         raise UserError(
             f"model {name} has no pretrained weights: it is one of the tutorial models built here. "
             "Set model.pretrained: false to train it from scratch, or model.checkpoint to start "
             "from weights you trained before"
         )
-    return build_model_with_cfg(cls, name, False, **kwargs)
 
 
-@register_model
-def simple_cnn(pretrained: bool = False, **kwargs) -> SimpleCNN:
-    return _build(SimpleCNN, "simple_cnn", pretrained, **kwargs)
+def _builtin(name: str, pretrained: bool, **kwargs) -> nn.Module:
+    """A built-in as timm's create_model makes it: unset (None) arguments dropped, the class
+    called with the rest, its cfg attached (timm's adds its defaults for the keys not set)."""
+    _refuse_pretrained(name, pretrained)
+    model = CLASSES[name](**{k: v for k, v in kwargs.items() if v is not None})
+    model.pretrained_cfg = model.default_cfg = {"architecture": name, **default_cfgs[name]}
+    return model
 
 
-@register_model
-def lenet5(pretrained: bool = False, **kwargs) -> LeNet5:
-    return _build(LeNet5, "lenet5", pretrained, **kwargs)
+def _register_with_timm() -> None:
+    from timm.models import is_model, model_entrypoint, register_model
+
+    for fn in (simple_cnn, lenet5, cifar_cnn, resnet_cifar):
+        # Once: a second registration would make timm warn that it overwrites one.
+        if not is_model(fn.__name__) or model_entrypoint(fn.__name__) is not fn:
+            register_model(fn)
 
 
-@register_model
-def cifar_cnn(pretrained: bool = False, **kwargs) -> CifarCNN:
-    return _build(CifarCNN, "cifar_cnn", pretrained, **kwargs)
+class _TimmHook(importlib.abc.MetaPathFinder):
+    """Registers the built-ins right after timm is imported. Python has no post-import hook; a
+    finder on sys.meta_path (the import system's documented extension point) hands back timm's
+    own spec with its loader wrapped: timm's runs, then the registration. A mere look-up
+    (importlib.util.find_spec("timm"), which some libraries do to see what is installed) loads
+    nothing, so the hook stays until timm is really imported."""
+
+    searching = False
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "timm" or self.searching:
+            return None
+        self.searching = True  # the finders after this one, as if it were not there
+        try:
+            spec = importlib.util.find_spec("timm")
+        finally:
+            self.searching = False
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenRegister(spec.loader, self)
+        return spec
 
 
-@register_model
-def resnet_cifar(pretrained: bool = False, **kwargs) -> ResNetCifar:
-    return _build(ResNetCifar, "resnet_cifar", pretrained, **kwargs)
+class _ThenRegister(importlib.abc.Loader):
+    def __init__(self, loader: importlib.abc.Loader, hook: _TimmHook):
+        self.loader, self.hook = loader, hook
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader  # timm's own, from now on
+        self.loader.exec_module(module)
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self.hook)
+        _register_with_timm()
+
+
+if "timm" in sys.modules:
+    _register_with_timm()
+elif not any(type(f).__name__ == _TimmHook.__name__ for f in sys.meta_path):  # once, reloads too
+    sys.meta_path.insert(0, _TimmHook())
 
 
 def create_model(name: str, *, num_classes: int, in_chans: int, img_size: int | tuple[int, int],
@@ -252,8 +329,11 @@ def create_model(name: str, *, num_classes: int, in_chans: int, img_size: int | 
     """
     if name in BUILTINS:
         # pretrained=True raises a UserError here: there are no weights for these.
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
-                                 in_chans=in_chans, img_size=img_size, **kwargs)
+        return _builtin(name, pretrained, num_classes=num_classes, in_chans=in_chans,
+                        img_size=img_size, **kwargs)
+    import timm
+    from timm.models import get_pretrained_cfg
+
     if ":" not in name and not timm.is_model(name):  # hf-hub:/local-dir: names go to timm as is
         raise UserError(_unknown_model(name))
     cfg = get_pretrained_cfg(name)
@@ -283,6 +363,9 @@ def _pretrained_source(name: str, cfg) -> dict:
     timm fetches weights with huggingface_hub, which retries an unreachable hub for about a minute
     per file; so look in the cache first, then ask the hub once with a short timeout.
     """
+    import huggingface_hub
+    import timm
+
     if cfg is None or not cfg.has_weights:
         tags = ", ".join(timm.list_pretrained(f"{name.split('.')[0]}.*")[:5]) or "none"
         raise UserError(f"timm has no pretrained weights for {name} (weights exist for: {tags}); "
@@ -313,7 +396,8 @@ def _pretrained_source(name: str, cfg) -> dict:
 
 
 def _unknown_model(name: str) -> str:
-    # The registry holds the built-ins too, since this module registered them.
+    import timm  # the registry holds the built-ins too: importing timm registered them
+
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     return (f"unknown model {name!r}. Built in: {', '.join(BUILTINS)}; any timm model name works "

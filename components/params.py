@@ -1,23 +1,33 @@
-"""The settings: params.yaml loaded into validated models, and the command line every step shares.
+"""The settings: params.yaml loaded into validated models.
 
-Every step runs as `python -m components.<step> [--params FILE] [--set section.key=value ...]`.
-The file and the overrides are validated together before any work starts: an unknown key, a value
-of the wrong type or out of range fails with the key, the value and what is allowed.
+The file and the `section.key=value` overrides (components/cli.py reads them off the command line;
+the flows build them from their parameters) are validated together before any work starts: an
+unknown key, a value of the wrong type or out of range fails with the key, the value and what is
+allowed.
+
+A section is one model below and one line in `Params`; `sections()` lists them for everything
+else (the flows' parameters, the Kubeflow pipeline's, the command line): nothing else needs an
+edit when a section is added.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+import re
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from components.credentials import SECRET_ADVICE, no_secrets, secrets_in
 
@@ -49,7 +59,13 @@ class Paths(Section):
     evaluate: Path = Path("outputs/evaluate")
     register: Path = Path("outputs/register")
     predictions: Path = Path("outputs/predictions")
+    export: Path = Path("outputs/export")
+    search: Path = Path("outputs/search")
 
+
+ClassWeight = Annotated[float, Field(gt=0.0, le=1e6, allow_inf_nan=False)]
+Threshold = Annotated[float, Field(ge=0.0, le=1e6, allow_inf_nan=False)]
+Share = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 Source = Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder"]
 
@@ -152,9 +168,25 @@ class Train(Section):
     max_bad_steps: int = Field(10, ge=1, le=1_000_000)
     device_data_mb: int = Field(4096, ge=0, le=10_000_000)
     seed: int = Field(0, ge=0)
+    # Imbalanced classes (components/train.py, components/batches.py say how). A mapping's keys
+    # are class names; classes it leaves out weigh 1.
+    class_weights: Literal["none", "balanced"] | dict[str, ClassWeight] = "none"
+    sampler: Literal["none", "balanced"] = "none"
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _class_names_are_text(cls, value: Any) -> Any:
+        # YAML reads `{3: 2.0}` with an integer key; class names are text (digits' are "0".."9").
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _check_train(self) -> Train:
+        if self.class_weights == "balanced" and self.sampler == "balanced":
+            raise ValueError(
+                "class_weights and sampler are both balanced: each alone evens out the classes, "
+                "together they favour the rare ones as much as the common ones were; set "
+                "train.class_weights: none or train.sampler: none"
+            )
         if self.freeze_epochs > self.epochs:
             raise ValueError(
                 f"freeze_epochs = {self.freeze_epochs} is more than epochs = {self.epochs}"
@@ -179,6 +211,26 @@ class Evaluate(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class Predict(Section):
+    """Scoring new images: components/predict.py, the batch-predict flow and the served model.
+    They score with evaluate's batch_size, device and tta_flip."""
+
+    top_k: int = Field(5, ge=1, le=1000)
+    max_batch: int = Field(256, ge=1, le=100_000)  # served model: images per request
+    max_request_mb: float = Field(32.0, gt=0.0, le=4096.0)  # served model: request body size
+    # Drift: what batch prediction compares with the model's training and test data
+    # (components/drift.py defines each figure; drift.json holds them with these thresholds).
+    drift_channel_mean: Threshold = 0.25
+    drift_channel_std: Threshold = 0.25
+    drift_confidence_drop: Share = 0.1
+    drift_low_confidence: Share = 0.2
+    drift_class_distance: Share = 0.25
+    drift_class_min_per_class: int = Field(20, ge=1, le=1_000_000)
+    drift_upscaled: Share = 0.5
+    drift_channel_mismatch: Share = 0.5
+    fail_on_drift: bool = False
+
+
 class Register(Section):
     """The registry gate and the MLflow run; components/register.py and tracking.py say more."""
 
@@ -190,6 +242,126 @@ class Register(Section):
     flush_timeout_s: float = Field(60.0, ge=0.0, le=3600.0)
 
 
+class Export(Section):
+    """The ONNX export of the registered version and its parity check; components/export.py."""
+
+    opset: int = Field(18, ge=18, le=23)  # torch's exporter writes 18 and up
+    max_abs_diff: float = Field(1e-4, ge=0.0, le=1.0)  # of any probability, ONNX vs PyTorch
+    min_top1_agreement: float = Field(0.999, ge=0.0, le=1.0)  # share of test images
+
+
+# A trial changes these sections; the others are the search's own (paths: where trials write;
+# data: prepared once per search; evaluate, register, predict: no effect on a trial's metric).
+SEARCHABLE = ("augment", "model", "train")
+DISTRIBUTIONS = ("uniform", "log_uniform", "int", "log_int", "choice")
+EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+class Search(Section):
+    """Hyperparameter search (flows/sweep.py, flows/search.py): `grid` is the sweep flow's
+    learning rate x model grid; `optuna` samples `space`, prunes by `metric` and resumes."""
+
+    method: Literal["grid", "optuna"] = "grid"
+    study: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=200)
+    storage: str | None = Field(None, min_length=1)  # a database URL; no password (environment)
+    trials: int = Field(16, ge=1, le=100_000)
+    parallel: int = Field(2, ge=1, le=1024)
+    metric: Literal["val_acc", "val_loss"] = "val_acc"
+    direction: Literal["maximize", "minimize"] = "maximize"
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    startup_trials: int = Field(5, ge=0, le=100_000)
+    min_epochs: int = Field(1, ge=1, le=10_000)
+    seed: int = Field(0, ge=0)
+    keep_checkpoints: bool = False
+    space: dict[str, dict[str, list[Any]]] = {}  # pydantic copies it per instance
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _exponent_numbers(cls, space: Any) -> Any:
+        """PyYAML (YAML 1.1) reads 1e-6 as a string, wanting 1.0e-6; JSON, YAML 1.2 and every user
+        mean a number. Typed settings convert it themselves; a space's values are untyped."""
+        if not isinstance(space, dict):
+            return space
+        return {key: {kind: [float(v) if isinstance(v, str) and EXPONENT.fullmatch(v) else v
+                             for v in values] if isinstance(values, list) else values
+                      for kind, values in spec.items()} if isinstance(spec, dict) else spec
+                for key, spec in space.items()}
+
+    @model_validator(mode="after")
+    def _check_search(self) -> Search:
+        wanted = "maximize" if self.metric.endswith("acc") else "minimize"
+        if self.direction != wanted:
+            raise ValueError(f"search.direction = {self.direction} with search.metric = "
+                             f"{self.metric}: an accuracy is maximized, a loss minimized; set "
+                             f"search.direction={wanted}")
+        problems = [p for key, spec in self.space.items() for p in space_problems(key, spec)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def space_problems(key: str, spec: dict[str, list[Any]]) -> list[str]:
+    """What is wrong with one `search.space` entry, each naming it; empty when it is good."""
+    where = f"search.space[{key!r}]"
+    section, _, name = key.partition(".")
+    model = {"augment": Augment, "model": Model, "train": Train}.get(section)
+    if model is None or name not in model.model_fields:
+        known = sorted(sections()) if model is None and section not in sections() else None
+        if known is not None or not name:
+            return [f"{where}: not a setting (section.key, e.g. train.lr)"]
+        if model is None:
+            return [f"{where}: a trial cannot change {section} settings; searchable sections: "
+                    f"{', '.join(SEARCHABLE)}"]
+        return [f"{where}: unknown setting; {section} has {', '.join(model.model_fields)}"]
+    if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        return [f"{where} = {json.dumps(spec)}: give one of {', '.join(DISTRIBUTIONS)}, e.g. "
+                "{log_uniform: [0.0003, 0.01]} or {choice: [a, b]}"]
+    kind, values = next(iter(spec.items()))
+    if kind == "choice":
+        if not values or len(set(map(json.dumps, values))) != len(values):
+            return [f"{where}: choice needs one or more distinct values, got {values}"]
+        candidates = values
+    else:
+        problem = _range_problem(kind, values)
+        if problem:
+            return [f"{where} = {{{kind}: {json.dumps(values)}}}: {problem}"]
+        if not kind.endswith("int") and _whole_numbers(model, name):
+            return [f"{where}: {key} is a whole number: use {{int: [low, high]}} or log_int"]
+        candidates = values
+    refused = []
+    for value in candidates:
+        try:
+            model.model_validate({name: value})
+        except ValidationError as err:
+            msg = "; ".join(e["msg"] for e in err.errors(include_url=False))
+            refused.append(f"{where}: {key} = {json.dumps(value)} is refused: {msg}")
+    return refused[:1]
+
+
+def _whole_numbers(model: type[Section], name: str) -> bool:
+    """Whether the setting takes integers only (its type, without its range, refuses 0.5)."""
+    try:
+        TypeAdapter(model.model_fields[name].annotation).validate_python(0.5)
+    except ValidationError as err:
+        return any(e["type"] == "int_from_float" for e in err.errors())
+    return False
+
+
+def _range_problem(kind: str, values: list[Any]) -> str | None:
+    if len(values) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                   for v in values):
+        return "a range is two numbers [low, high]"
+    low, high = values
+    if kind.endswith("int") and not all(float(v).is_integer() for v in values):
+        return "an integer range needs whole numbers"
+    if not low < high:
+        return "empty range: low must be below high (one value: {choice: [value]})"
+    if kind.startswith("log") and low <= 0:
+        return "a log range must be above 0 (it touches or crosses 0)"
+    return None
+
+
 def refuse_secrets(raw: Any, source: str = "params") -> None:
     """Raise ParamsError, before any other check, when `raw` holds a credential."""
     found = secrets_in(raw)
@@ -199,6 +371,7 @@ def refuse_secrets(raw: Any, source: str = "params") -> None:
 
 
 class Params(Section):
+    # One line per section: sections() hands the list to the flows and the command line.
     paths: Paths = Paths()
     data: Data = Data()
     augment: Augment = Augment()
@@ -206,6 +379,9 @@ class Params(Section):
     train: Train = Train()
     evaluate: Evaluate = Evaluate()
     register: Register = Register()
+    predict: Predict = Predict()
+    export: Export = Export()
+    search: Search = Search()
 
     # Any Params, however built, has passed this: what tracking logs from it is clean. Its errors
     # do not repeat the input, which would repeat the secret.
@@ -213,9 +389,19 @@ class Params(Section):
     _no_secrets = model_validator(mode="before")(no_secrets)
 
 
+def sections() -> dict[str, type[Section]]:
+    """The settings sections, in params.yaml's order: name -> model."""
+    return {name: field.annotation for name, field in Params.model_fields.items()}
+
+
+# pydantic names the branch of a union (`a | b`) in an error's location: not a key to the user.
+UNION_BRANCH = re.compile(r"^(literal\[.*\]|constrained-\w+|dict\[.*\]|list\[.*\]|int|float|str"
+                          r"|bool)$")
+
+
 def _describe(error: dict[str, Any], raw: dict[str, Any]) -> str:
     """One line per problem: where, what was given, what is allowed."""
-    loc = [str(part) for part in error["loc"]]
+    loc = [str(part) for part in error["loc"] if not UNION_BRANCH.match(str(part))]
     key = ".".join(loc) or "(top level)"
     given = json.dumps(error.get("input"), default=str)
     if error["type"] == "extra_forbidden":
@@ -241,13 +427,19 @@ def _lookup_model(loc: list[str]) -> type[BaseModel] | None:
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value`, or a whole section as one mapping, `section={key: value, ...}` (its
+    keys left out take their defaults; how the Kubeflow pipeline passes a section parameter)."""
     key, sep, value = text.partition("=")
-    if not sep or not key.strip() or "." not in key:
-        raise ParamsError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=5")
+    usage = (f"--set {text!r}: expected section.key=value, e.g. train.epochs=5, "
+             "or a whole section, section={key: value, ...}")
+    if not sep or not key.strip():
+        raise ParamsError(usage)
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value  # not YAML: let validation judge it as a string
+    if "." not in key and not isinstance(parsed, dict):
+        raise ParamsError(usage)
     return key.strip().split("."), parsed
 
 
@@ -280,7 +472,7 @@ def validate(raw: dict[str, Any], source: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        lines = [_describe(e, raw) for e in err.errors(include_url=False)]
+        lines = list(dict.fromkeys(_describe(e, raw) for e in err.errors(include_url=False)))
         raise ParamsError(f"invalid settings in {source}:\n  " + "\n  ".join(lines)) from None
 
 
@@ -291,22 +483,3 @@ def flatten(params: Params) -> dict[str, Any]:
         for key, value in values.items():
             out[f"{section}.{key}"] = value
     return out
-
-
-def run_step(step: Callable[[Params], Any], argv: list[str] | None = None) -> None:
-    """The shared `main()` of every step: parse the command line, validate, run, print a summary."""
-    parser = argparse.ArgumentParser(prog=f"python -m {step.__module__}", description=step.__doc__)
-    parser.add_argument("--params", default=DEFAULT_PARAMS, help="settings file (params.yaml)")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="override one setting; repeatable; validated like the file",
-    )
-    args = parser.parse_args(argv)
-    try:
-        result = step(load_params(args.params, args.set))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    if is_dataclass(result):
-        result = asdict(result)
-    print(json.dumps(result, indent=2, default=str))

@@ -10,36 +10,42 @@ evaluate. Writes under `paths.predictions`, into a temporary folder that replace
 when complete:
 - `predictions.csv`: path (relative to the folder), class, confidence, then the top-k classes and
   their probabilities (top1_class, top1_prob, top2_class, ...);
-- `quarantine.json`: every file that could not be scored, with the reason (as prepare's).
+- `quarantine.json`: every file that could not be scored, with the reason (as prepare's);
+- `drift.json`: how the folder compares with the model's training and test data, figure by
+  figure against the `predict.drift_*` thresholds (components/drift.py); each figure crossed is
+  a warning on stderr, and with `predict.fail_on_drift` an error (exit 2) once everything above
+  is written. Tracked in an MLflow run of its own (`tracker`; main() and the batch-predict flow
+  attach one through components.tracking, to MLFLOW_TRACKING_URI or the embedded store).
 
     python -m components.predict --folder inbox/ [--model models:/digits-classifier@champion]
         [--top-k 5] [--params params.yaml] [--set evaluate.device=cpu ...]
 
 `score` is the inference evaluate shares: log-probabilities of uint8 images, batched.
+
+`--model path/to/model.onnx` (an export of components/export.py, which carries the model's meta)
+scores with ONNX Runtime on the CPU instead, into the same predictions.csv.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
+import functools
 import math
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from components import cli, drift, files
 from components.atomic import atomic_dir, write_json
 from components.checkpoint import load_model, prepare_input, resolve_model_uri
-from components.images import BadImage, decode, list_images
-from components.params import DEFAULT_PARAMS, Params, UserError, load_params
+from components.images import BadImage, decode_seen, list_images
+from components.onnx_model import OnnxClassifier
+from components.params import Params, UserError
 from components.prepared import read_manifest
 
-PREDICTIONS = "predictions.csv"
-QUARANTINE = "quarantine.json"
 CHUNK = 1024  # images decoded at a time: memory stays flat however large the folder
 
 
@@ -51,53 +57,86 @@ class PredictResult:
     scored: int
     quarantined: int
     ignored: int  # hidden files and files of other extensions
+    drift: str = ""  # drift.json
+    drifted: bool = False  # a drift figure crossed its threshold
 
 
-def predict(params: Params, folder: str | Path | None = None, model_uri: str | None = None,
-            top_k: int = 5) -> PredictResult:
-    """Score every image under `folder` with `model_uri` into `params.paths.predictions`."""
+def predict(params: Params, folder: str | Path | None = None,
+            model_uri: str | None = None, tracker=None) -> PredictResult:
+    """Score every image under `folder` with `model_uri` into `params.paths.predictions`;
+    `tracker` (components.tracking) gets the drift figures and the files."""
     if folder is None:
         raise UserError("no folder to score: pass --folder PATH (a folder of images, any depth)")
-    if top_k < 1:
-        raise UserError(f"top_k = {top_k}: must be at least 1")
     uri = model_uri or f"models:/{params.register.model_name}@champion"
-    path = resolve_model_uri(uri)
-    device = pick_device(params.evaluate.device)
-    model, meta = load_model(path, device)
+    if str(uri).lower().endswith(".onnx"):  # an export: ONNX Runtime on the CPU, meta inside
+        path, device = Path(uri), None
+        model = OnnxClassifier(path)
+        meta = model.meta
+    else:
+        path = resolve_model_uri(uri)
+        device = pick_device(params.evaluate.device)
+        model, meta = load_model(path, device)
     size, channels = _input_shape(meta, path)
     settings = {"size": size, "channels": channels, "resize": _resize_policy(meta, params),
-                "min_side": params.data.min_side}
+                "min_side": meta.get("min_side") or params.data.min_side}
     scan = list_images(folder)
     quarantine = list(scan.rejected)
     classes = meta["classes"]
-    k = min(top_k, len(classes))
+    k = min(params.predict.top_k, len(classes))
     scored = 0
+    monitor = drift.Monitor(meta, params.predict, settings["resize"], params.evaluate.tta_flip)
     with atomic_dir(params.paths.predictions) as out:
-        with open(out / PREDICTIONS, "w", newline="") as f, ThreadPoolExecutor() as pool:
+        with open(out / files.PREDICTIONS, "w", newline="") as f, ThreadPoolExecutor() as pool:
             writer = csv.writer(f)
             writer.writerow(["path", "class", "confidence"]
                             + [f"top{i}_{w}" for i in range(1, k + 1) for w in ("class", "prob")])
             for start in range(0, len(scan.candidates), CHUNK):
-                names, images = [], []
+                names, images, seen = [], [], []
                 chunk = scan.candidates[start:start + CHUNK]
                 # Pillow releases the GIL while it decodes and resizes: threads suffice.
                 for cand, (image, bad) in zip(chunk, pool.map(lambda c: _decode(c.path, settings),
                                                                 chunk), strict=True):
                     if bad is None:
                         names.append(scan.rel(cand.path))
-                        images.append(image)
+                        images.append(image[0])
+                        seen.append(image[1])
                     else:
                         quarantine.append({"path": scan.rel(cand.path), **bad})
                 if not images:
                     continue
-                probs = np.exp(score(model, meta, np.stack(images), device,
-                                     params.evaluate.batch_size, params.evaluate.tta_flip))
+                batch = np.stack(images)
+                probs = _probabilities(model, meta, batch, device, params)
                 _write_rows(writer, names, probs, classes, k)
+                monitor.add(batch, probs, seen)
                 scored += len(images)
-        write_json(out / QUARANTINE, quarantine)
+        write_json(out / files.QUARANTINE, quarantine)
+        report = monitor.report()
+        write_json(out / files.DRIFT, report)
     final = Path(params.paths.predictions)
-    return PredictResult(str(final / PREDICTIONS), str(final / QUARANTINE), str(path), scored,
-                         len(quarantine), scan.ignored)
+    result = PredictResult(str(final / files.PREDICTIONS), str(final / files.QUARANTINE),
+                           str(path), scored, len(quarantine), scan.ignored,
+                           drift=str(final / files.DRIFT), drifted=report["drift"])
+    _report_drift(params, report, result, uri, folder, tracker)
+    return result
+
+
+def _report_drift(params: Params, report: dict, result: PredictResult, uri: str, folder,
+                  tracker) -> None:
+    """Warnings on stderr, the figures and files to the tracker, and the error that
+    predict.fail_on_drift asks for (after everything is written)."""
+    drift.say(report, result.drift)
+    if tracker is not None:
+        tracker.set_tags({"batch.folder": str(folder), "batch.model": uri,
+                          "drift": str(report["drift"]).lower()})
+        tracker.log_metrics(drift.tracked_figures(report) | {"scored": result.scored,
+                                                             "quarantined": result.quarantined})
+        tracker.log_artifacts([result.drift, result.predictions, result.quarantine], "predictions")
+    if report["drift"] and params.predict.fail_on_drift:
+        crossed = [n for n, f in report["figures"].items() if f["drift"]]
+        raise drift.DriftError(
+            f"drift in {folder}: {', '.join(crossed)} crossed their thresholds (predict.fail_on_"
+            f"drift is true); predictions are written to {result.predictions}, the figures to "
+            f"{result.drift}", result)
 
 
 @torch.inference_mode()
@@ -117,6 +156,13 @@ def score(model: torch.nn.Module, meta: dict, images: np.ndarray, device: torch.
             logp = torch.logaddexp(logp, mirrored) - math.log(2.0)  # log of the mean softmax
         out.append(logp.cpu().numpy())
     return np.concatenate(out)
+
+
+def _probabilities(model, meta: dict, images: np.ndarray, device, params: Params) -> np.ndarray:
+    cfg = params.evaluate
+    if isinstance(model, OnnxClassifier):
+        return model.probabilities(images, cfg.batch_size, cfg.tta_flip)
+    return np.exp(score(model, meta, images, device, cfg.batch_size, cfg.tta_flip))
 
 
 def pick_device(name: str) -> torch.device:
@@ -147,9 +193,9 @@ def _resize_policy(meta: dict, params: Params) -> str:
         return params.data.resize
 
 
-def _decode(path: Path, settings: dict) -> tuple[np.ndarray | None, dict | None]:
+def _decode(path: Path, settings: dict) -> tuple[tuple | None, dict | None]:
     try:
-        return decode(path, **settings), None
+        return decode_seen(path, **settings), None
     except BadImage as bad:
         return None, {"reason": bad.reason, "detail": bad.detail}
     except OSError as err:  # vanished or unreadable between the scan and now
@@ -164,23 +210,21 @@ def _write_rows(writer, names: list[str], probs: np.ndarray, classes: list[str],
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m components.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("python -m components.predict", __doc__)
     parser.add_argument("--folder", required=True, help="folder of images to score (any depth)")
     parser.add_argument("--model", default=None,
-                        help="model.pt path or MLflow URI (default models:/<register.model_name>"
-                             "@champion)")
-    parser.add_argument("--top-k", type=int, default=5, help="classes listed per image")
-    parser.add_argument("--params", default=DEFAULT_PARAMS, help="settings file (params.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one setting; repeatable; validated like the file")
+                        help=f"{files.MODEL} path or MLflow URI (default "
+                             "models:/<register.model_name>@champion)")
     args = parser.parse_args(argv)
-    try:
-        result = predict(load_params(args.params, args.set), args.folder, args.model, args.top_k)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(asdict(result), indent=2))
+    with cli.user_errors():
+        params = cli.load(args)
+        if not Path(args.folder).is_dir():  # before a run is opened in MLflow for it
+            list_images(args.folder)  # raises the one message for a missing folder
+        from components.tracking import tracked  # MLflow only where a batch is tracked
+
+        result = tracked(functools.partial(predict, folder=args.folder, model_uri=args.model),
+                         "batch")(params)
+    cli.show(result)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Reads `data` settings: the source (digits, a torchvision dataset under data.root, or an image
 folder at data.root), image size, channels and split ratios. Writes under `paths.prepared`
 (format: components/prepared.py) the train/val/test arrays, manifest.json and quarantine.json,
-into a temporary folder that replaces the old one only when complete.
+into a temporary folder that replaces the old one only when complete. When the largest class of
+train has more than IMBALANCE times the images of the smallest, it warns on stderr and says so
+in manifest.json (`imbalance`), naming the settings that train for it.
 
     python -m components.prepare [--params params.yaml] [--set data.source=mnist ...]
 """
@@ -12,15 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from components import files
 from components.atomic import atomic_dir, write_json
-from components.params import Data, Params, run_step
-from components.prepared import MANIFEST, QUARANTINE, SPLITS, x_path, y_path
+from components.cli import run_step
+from components.params import Data, Params
+from components.prepared import SPLITS, x_path, y_path
 from components.sources import NO_SPLIT, SPLIT_IDS, Pool, load_source
 
 TRAIN, VAL, TEST = (SPLIT_IDS[s] for s in SPLITS)
@@ -52,10 +57,13 @@ def prepare(params: Params) -> PrepareResult:
         duplicates = find_duplicates(pool, split, fingerprints, cfg.drop_duplicates)
         manifest = _manifest(cfg, pool, split, duplicates)
         manifest |= _write_splits(out, pool, split, fingerprints)
+        manifest["imbalance"] = imbalance(manifest["counts"]["train"])
         manifest |= stats.result()
-        (out / "pool.npy").unlink(missing_ok=True)
-        write_json(out / MANIFEST, manifest)
-        write_json(out / QUARANTINE, pool.quarantine)
+        (out / files.POOL).unlink(missing_ok=True)
+        write_json(out / files.MANIFEST, manifest)
+        write_json(out / files.QUARANTINE, pool.quarantine)
+    if manifest["imbalance"]["warning"]:
+        print(f"warning: {manifest['imbalance']['warning']}", file=sys.stderr)
     return PrepareResult(
         path=str(params.paths.prepared),
         classes=pool.classes,
@@ -219,6 +227,33 @@ def channel_stats(x: np.ndarray, rows: np.ndarray) -> dict:
     return {"mean": [round(float(m), 6) for m in mean], "std": [round(float(v), 6) for v in std]}
 
 
+IMBALANCE = 10.0  # largest / smallest train class above which prepare warns
+
+
+def imbalance(counts: dict[str, int]) -> dict:
+    """The train split's largest and smallest class, their ratio, and a warning above IMBALANCE
+    (a class without any training image counts as infinitely rarer: ratio null)."""
+    if not counts:
+        return {"ratio": None, "limit": IMBALANCE, "warning": None}
+    largest, smallest = max(counts, key=counts.get), min(counts, key=counts.get)
+    big, small = counts[largest], counts[smallest]
+    ratio = big / small if small else None
+    warning = None
+    if small == 0 or ratio > IMBALANCE:
+        gap = (f"class {largest!r} has {big} training images, {ratio:.1f}x the {small} of class "
+               f"{smallest!r}" if small else
+               f"class {smallest!r} has no training image, class {largest!r} has {big}")
+        warning = (
+            f"imbalanced classes: {gap} (above {IMBALANCE:g}x, a model learns to ignore the rare "
+            "classes). Train for it with train.class_weights: balanced or train.sampler: "
+            "balanced, and gate on register.primary_metric: balanced_accuracy: with the default "
+            "accuracy, a model trained for balance may never beat an unbalanced champion"
+        )
+    return {"ratio": None if ratio is None else round(ratio, 3), "limit": IMBALANCE,
+            "largest": {"class": largest, "train": big},
+            "smallest": {"class": smallest, "train": small}, "warning": warning}
+
+
 def _manifest(cfg: Data, pool: Pool, split: np.ndarray, duplicates: dict) -> dict:
     h, w, c = pool.x.shape[1:]
     quarantined = len(pool.quarantine)
@@ -229,6 +264,7 @@ def _manifest(cfg: Data, pool: Pool, split: np.ndarray, duplicates: dict) -> dic
         "image_size": [int(h), int(w)],
         "channels": int(c),
         "resize": cfg.resize,
+        "min_side": cfg.min_side,
         "classes": [{"index": i, "name": name} for i, name in enumerate(pool.classes)],
         "files": {
             "found": pool.found,

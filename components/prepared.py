@@ -16,27 +16,27 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from components import files
 from components.params import UserError
 
+if TYPE_CHECKING:
+    import numpy as np  # imported where arrays are read: the preflight reads only the manifest
+
 SPLITS = ("train", "val", "test")
-MANIFEST = "manifest.json"
-QUARANTINE = "quarantine.json"
 
 
 def x_path(root: Path, split: str) -> Path:
-    return Path(root) / f"{split}_x.npy"
+    return Path(root) / files.x_file(split)
 
 
 def y_path(root: Path, split: str) -> Path:
-    return Path(root) / f"{split}_y.npy"
+    return Path(root) / files.y_file(split)
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
-    path = Path(root) / MANIFEST
+    path = Path(root) / files.MANIFEST
     if not path.is_file():
         raise UserError(f"{path}: no prepared data here; run the prepare step first")
     return json.loads(path.read_text())
@@ -55,6 +55,8 @@ def load_split(root: str | Path, split: str, mmap: bool = True) -> Split:
 
 
 def _load_array(path: Path, mode: str | None = None) -> np.ndarray:
+    import numpy as np
+
     # allow_pickle stays False: an object array would unpickle (and run) whatever it holds.
     try:
         return np.load(path, mmap_mode=mode, allow_pickle=False)

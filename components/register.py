@@ -1,19 +1,28 @@
 """register: the trained model into the MLflow registry, and the gate that moves `champion`.
 
 Reads `<paths.train>/model.pt` and run.json (the pipeline's MLflow run), `<paths.evaluate>/
-metrics.json` and the test split under `paths.prepared`. Writes `<paths.register>/decision.json`
-and, in MLflow: the model logged to the run, a version of `register.model_name` tagged with its
-lineage and test metrics, and the aliases `challenger`, `champion` and `previous-champion`.
+metrics.json` (and, for the model card, classification_report.json, confusion.csv and
+`<paths.train>/history.json`) and the test split under `paths.prepared`. Writes
+`<paths.register>/decision.json` and model_card.md, and, in MLflow: the model logged to the run, a
+version of `register.model_name` tagged with its lineage and test metrics, described by its model
+card's summary (components/model_card.py; the card is logged with it), and the aliases
+`challenger`, `champion` and `previous-champion`.
 
     python -m components.register [--params params.yaml]
 
-The model is logged with `mlflow.pytorch` (signature and input example included) wrapped so that
-it takes raw uint8 N×H×W×C images and returns class probabilities:
-`mlflow.pyfunc.load_model("models:/<name>@champion").predict(images)` needs no preprocessing.
-It is saved as a torch.export program (no pickled classes: loading needs torch, not this
-project's code); a model that torch.export cannot trace is pickled with this project's code.
+The model is logged as the served pyfunc of components/serve.py (signature and input example
+included): image files in (a column `image` of PNG/JPEG/WebP/BMP bytes) or uint8 N×H×W×C arrays,
+and per image its class name, confidence, top-k classes (k = predict.top_k, fixed here with the
+served model's limits predict.max_batch and predict.max_request_mb) and every class's probability:
 
-The gate. Every version is scored the same way: its logged model predicting the test split
+    mlflow.pyfunc.load_model("models:/<name>@champion").predict(pd.DataFrame({"image": [png]}))
+    mlflow models serve -m "models:/<name>@champion" --env-manager local
+
+Loading the pyfunc runs this project's code, which travels with it (MLflow's models from code and
+code_paths); model.pt and its sha256 are its artifact. This step never loads a logged pyfunc: the
+gate scores a champion from its model.pt (weights only, hash checked).
+
+The gate. Every version is scored the same way: its model.pt predicting the test split
 (accuracy, balanced accuracy, macro F1 and each class's recall), recorded in the version's tag
 `gate.scores` with the test split's hash. The challenger replaces the champion when there is none,
 or when it beats the champion's `register.primary_metric` by more than 0 and at least
@@ -24,7 +33,8 @@ test-time augmentation) goes into the version's tags, not into the comparison.
 
 Exactly once: a version is created at most once per training run (found again by its run id), and
 a retried step reuses it and its recorded decision. Pipelines sharing a registry take turns: the
-create and the gate run under a lock held in the registry itself (`RegistryLock`).
+create and the gate run under a lock (`RegistryLock`): a file lock beside the embedded SQLite
+store, a tag held in the registry itself behind a server.
 """
 
 from __future__ import annotations
@@ -34,25 +44,31 @@ import json
 import random
 import sys
 import time
+import urllib.parse
 import uuid
 from dataclasses import asdict, dataclass
-from importlib.metadata import version as installed
 from pathlib import Path
 from typing import Any
 
+import filelock
 import numpy as np
 import torch
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from sqlalchemy.engine import make_url
 
-from components.atomic import write_json
-from components.checkpoint import load_model, resolve_model_uri, scale_shift
-from components.params import Params, Register, UserError, run_step
+from components import drift, files, serve
+from components.atomic import atomic_file, write_json
+from components.checkpoint import Classifier, load, load_model, resolve_model_uri
+from components.cli import run_step
+from components.model_card import Version as CardVersion
+from components.model_card import model_card
+from components.onnx_model import DISAGREES
+from components.params import Params, Register, UserError
 from components.prepared import Split, class_names, load_split, read_manifest
-from components.tracking import Tracker, lineage
+from components.tracking import Tracker, lineage, log_with_version, shown
 
-DECISION_FILE = "decision.json"
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 SCORE_BATCH = 1024
 LOCK_TAG = "gate.lock"
@@ -73,22 +89,6 @@ class RegisterResult:
     champion: str | None
     reasons: list[str]
     decision_path: str
-
-
-class Classifier(torch.nn.Module):
-    """uint8 N×H×W×C images in, class probabilities out: the training normalisation travels
-    inside the logged model."""
-
-    def __init__(self, net: torch.nn.Module, meta: dict[str, Any]):
-        super().__init__()
-        self.net = net.eval()
-        scale, shift = scale_shift(meta["mean"], meta["std"])
-        self.register_buffer("scale", scale)
-        self.register_buffer("shift", shift)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = torch.addcmul(self.shift, images.permute(0, 3, 1, 2).float(), self.scale)
-        return self.net(x).float().softmax(dim=1)
 
 
 @dataclass
@@ -144,22 +144,33 @@ def decide(challenger: Scores, champion: Scores | None, cfg: Register) -> tuple[
 
 
 class RegistryLock:
-    """Mutual exclusion among processes sharing a model registry, held in a registered-model tag.
+    """Mutual exclusion among processes sharing a model registry.
 
-    Fischer's timed protocol: read the tag; when it is empty or expired, write a fresh token,
-    wait LOCK_SETTLE_S (longer than any contender's read-to-write time), read again: still ours
-    means held. Released by deleting the tag; a crashed holder's token expires after LOCK_TTL_S
-    (by wall clock: hosts sharing a registry need roughly synchronised clocks).
+    A registry in a local SQLite file (the embedded default): an OS file lock beside it
+    (filelock), taken at once when free, and let go by the OS when a holder dies. Every
+    other registry (a server, whatever its database): a registered-model tag, with Fischer's timed
+    protocol: read the tag; when it is empty or expired, write a fresh token, wait LOCK_SETTLE_S
+    (longer than any contender's read-to-write time), read again: still ours means held. Released
+    by deleting the tag; a crashed holder's token expires after LOCK_TTL_S (by wall clock: hosts
+    sharing a registry need roughly synchronised clocks). So one registry is reached one way by
+    every pipeline that shares it: as the file, or through its server.
     """
 
     def __init__(self, client: MlflowClient, name: str):
         self.client, self.name, self.token = client, name, None
+        self.file = _file_lock(client.tracking_uri, name)
 
     def _read(self) -> dict | None:
         raw = self.client.get_registered_model(self.name).tags.get(LOCK_TAG)
         return json.loads(raw) if raw else None
 
     def __enter__(self) -> RegistryLock:
+        if self.file is not None:
+            try:
+                self.file.acquire(timeout=LOCK_WAIT_S)
+            except filelock.Timeout:
+                raise self._taken(f"the lock file {self.file.lock_file}") from None
+            return self
         deadline = time.monotonic() + LOCK_WAIT_S
         while time.monotonic() < deadline:
             started = time.monotonic()
@@ -182,66 +193,74 @@ class RegistryLock:
                         self.token = token
                         return self
             time.sleep(random.uniform(0.2, 0.8))
-        raise UserError(f"registered model {self.name}: the registry lock (tag {LOCK_TAG}) stayed "
-                        f"taken for {LOCK_WAIT_S:.0f} s; another pipeline is registering, or "
-                        "delete the tag if none is")
+        raise self._taken(f"tag {LOCK_TAG}")
+
+    def _taken(self, lock: str) -> UserError:
+        return UserError(f"registered model {self.name}: the registry lock ({lock}) stayed taken "
+                         f"for {LOCK_WAIT_S:.0f} s; another pipeline is registering, or delete "
+                         "the lock if none is")
 
     def __exit__(self, *exc) -> None:
-        if (self._read() or {}).get("token") == self.token:
+        if self.file is not None:
+            self.file.release()
+        elif (self._read() or {}).get("token") == self.token:
             self.client.delete_registered_model_tag(self.name, LOCK_TAG)
 
 
-def register(params: Params, tracker: Tracker | None = None) -> RegisterResult:
-    """Register `params.paths.train`/model.pt under `params.register.model_name`; see the doc."""
-    own = tracker is None
-    tracker = tracker or Tracker.resume(params)
-    try:
-        result = _register(params, tracker)
-    except BaseException:
-        if own:
-            tracker.close("FAILED")
-        raise
-    if own:
-        tracker.close()
-    return result
+def _file_lock(tracking_uri: str, name: str) -> filelock.FileLock | None:
+    """The OS lock for `name` beside a local SQLite registry's file; None for any other store.
+    The address is read by SQLAlchemy, as MLflow's store reads it (a query string included)."""
+    if "://" not in tracking_uri:
+        return None
+    url = make_url(tracking_uri)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    db = Path(url.database).resolve()
+    return filelock.FileLock(db.with_name(f"{db.name}.{urllib.parse.quote(name, safe='')}.lock"))
 
 
-def _register(params: Params, tracker: Tracker) -> RegisterResult:
-    import mlflow
-
-    mlflow.set_tracking_uri(tracker.uri)  # for log_model and loading the champion
+def register(params: Params, tracker: Tracker) -> RegisterResult:
+    """Register `params.paths.train`/model.pt under `params.register.model_name`, in the MLflow run
+    `tracker` holds (components.tracking.tracked attaches it, and points mlflow's default at its
+    server for log_model and `models:/` URIs); see the module doc."""
     cfg, client, name = params.register, tracker.client, params.register.model_name
-    model, test, scores = _challenger(params)
-    metrics = _test_metrics(Path(params.paths.evaluate) / "metrics.json")
+    meta, test, scores = _challenger(params)
+    metrics = _test_metrics(Path(params.paths.evaluate) / files.METRICS)
     _ensure_registered_model(client, name)
     found, created = _find_version(client, name, tracker.run_id), False
+    decision = None if found is None else _recorded_decision(found)
     if found is None:
-        info = _log_model(tracker, model, test, scores.classes, Path(params.paths.train))
+        info = _log_model(tracker, params, meta, test)
         tags = _version_tags(params, tracker, metrics, scores)
-        with RegistryLock(client, name):
+        seen = _scored_champion(client, name, None, scores, test)
+        with RegistryLock(client, name):  # one turn for the new version and its gate
             found = _find_version(client, name, tracker.run_id)  # a concurrent retry's
             if found is None:
                 found = client.create_model_version(
                     name, source=info.model_uri, run_id=tracker.run_id, tags=tags,
                     model_id=info.model_id)
                 created = True
+            decision = _recorded_decision(found) or _decide_locked(
+                client, cfg, str(found.version), scores, *seen)
     version = str(found.version)
-    decision = _recorded_decision(found) or _gate(client, cfg, version, scores, test)
+    decision = decision or _gate(client, cfg, version, scores, test)
     decision |= {"model_name": name, "version": version, "run_id": tracker.run_id,
                  "model_uri": f"models:/{name}/{version}", "created": created}
-    path = write_json(Path(params.paths.register) / DECISION_FILE, decision)
+    path = write_json(Path(params.paths.register) / files.DECISION, decision)
     tracker.set_tags({"register.version": version, "register.promoted": decision["promoted"],
                       "register.reasons": "; ".join(decision["reasons"])[:5000]})
-    tracker.log_artifacts([path], "register")
+    card = _write_card(params, meta, tracker, client.get_model_version(name, version), decision)
+    tracker.log_artifacts([path, card], "register")
     return RegisterResult(
         model_name=name, version=version, model_uri=decision["model_uri"], run_id=tracker.run_id,
         created=created, promoted=decision["promoted"], champion=decision["champion"],
         reasons=decision["reasons"], decision_path=str(path))
 
 
-def _challenger(params: Params) -> tuple[Classifier, Split, Scores]:
-    """The trained model, wrapped for raw images, and its scores on the test split."""
-    net, meta = load_model(Path(params.paths.train) / "model.pt")
+def _challenger(params: Params) -> tuple[dict[str, Any], Split, Scores]:
+    """The trained model's meta (components.checkpoint.load_model), the test split, and the
+    model's scores on it."""
+    net, meta = load_model(Path(params.paths.train) / files.MODEL)
     manifest = read_manifest(params.paths.prepared)
     test = load_split(params.paths.prepared, "test")
     if len(test.y) == 0:
@@ -249,13 +268,13 @@ def _challenger(params: Params) -> tuple[Classifier, Split, Scores]:
                         "models on it: set data.test_fraction above 0")
     classes = class_names(manifest)
     if list(meta["classes"]) != classes:
-        raise UserError(f"{params.paths.train}/model.pt predicts {meta['classes']}, the prepared "
-                        f"data has {classes}: run train again")
+        raise UserError(f"{params.paths.train}/{files.MODEL} predicts {meta['classes']}, the "
+                        f"prepared data has {classes}: run train again")
     model = Classifier(net, meta)
     with torch.no_grad():
         scores = score(lambda x: model(torch.from_numpy(x)).numpy(), test, classes,
                        str(manifest.get("hashes", {}).get("test", "unknown")))
-    return model, test, scores
+    return meta, test, scores
 
 
 def _test_metrics(path: Path) -> dict[str, float]:
@@ -281,37 +300,24 @@ def _find_version(client: MlflowClient, name: str, run_id: str) -> ModelVersion 
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
-def _log_model(tracker: Tracker, model: Classifier, test: Split, classes: list[str],
-               train_dir: Path):
-    import mlflow.pytorch
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+def _log_model(tracker: Tracker, params: Params, meta: dict[str, Any], test: Split):
+    """The served pyfunc (components/serve.py) with model.pt as its artifact, logged to the run."""
+    import mlflow.pyfunc
 
-    _, h, w, c = test.x.shape
-    signature = ModelSignature(
-        # Unnamed: a named tensor reaches the model as a dict, which the pytorch flavor refuses.
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, h, w, c))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(classes)))]),
-    )
-    common = {
-        "name": "model", "signature": signature, "metadata": {"classes": classes},
-        # Two images: torch.export keeps a batch dimension seen as 1 fixed.
-        "input_example": np.array(test.x[np.arange(2) % len(test.y)]),
-        "pip_requirements": [f"{p}=={installed(p)}" for p in ("torch", "numpy", "mlflow")],
-        # model.pt travels with it: `model.checkpoint` and predict start from a registered model.
-        "extra_files": [str(train_dir / "model.pt"), str(train_dir / "model.pt.sha256")],
-    }
+    model_pt = Path(params.paths.train) / files.MODEL
     # Ending the run prints "View run at" lines: to stderr, as stdout is the step's JSON summary.
     with contextlib.redirect_stdout(sys.stderr), mlflow.start_run(run_id=tracker.run_id):
-        try:  # torch.export's program: no pickled classes, no project code needed to load it
-            return mlflow.pytorch.log_model(model, serialization_format="pt2", **common)
-        except Exception as err:  # not every model traces; pickling takes any
-            print(f"torch.export could not trace the model ({err}); logging it pickled, with "
-                  "this project's code", file=sys.stderr)
-        packages = ("torch", "timm", "numpy", "pydantic", "pyyaml", "mlflow")
-        return mlflow.pytorch.log_model(
-            model, serialization_format="pickle", code_paths=[str(Path(__file__).parent)],
-            **common | {"pip_requirements": [f"{p}=={installed(p)}" for p in packages]})
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=str(serve.CODE),
+            code_paths=[str(Path(serve.__file__).parent)],
+            # model.pt travels with it: `model.checkpoint` and predict start from a registered
+            # model, and the gate scores a champion from it, without running the logged code.
+            artifacts={serve.ARTIFACT: str(model_pt),
+                       serve.ARTIFACT_HASH: str(model_pt) + files.HASH_SUFFIX},
+            signature=serve.signature(list(meta["classes"])),
+            input_example=serve.input_example(test.x[np.arange(2) % len(test.y)]),
+            model_config=serve.model_config(params.predict), metadata=serve.metadata(meta),
+            pip_requirements=serve.requirements())
 
 
 def _version_tags(params: Params, tracker: Tracker, metrics: dict[str, float],
@@ -322,8 +328,33 @@ def _version_tags(params: Params, tracker: Tracker, metrics: dict[str, float],
     tags = found if len(found) == len(keys) else lineage(params)
     tags = {k: v for k, v in tags.items() if not k.startswith("mlflow.")}
     tags |= {"run_id": tracker.run_id, "gate.scores": json.dumps(asdict(scores))}
+    # The drift reference model.pt carries, readable on the version without downloading it.
+    saved = load(Path(params.paths.train) / files.MODEL, require_hash=False, what="model file")
+    tags["drift.reference"] = json.dumps(drift.carried(saved))
     tags |= {f"test.{k}": f"{v:.6g}" for k, v in metrics.items()}
     return tags
+
+
+def _write_card(params: Params, meta: dict[str, Any], tracker: Tracker, found: ModelVersion,
+                decision: dict[str, Any]) -> Path:
+    """model_card.md, logged with the version's model; its summary the version's description."""
+    client = tracker.client
+    uri = shown(tracker.uri)
+    link = (f"{uri.rstrip('/')}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
+            if uri.startswith(("http://", "https://")) else f"in {uri}")
+    run_tags = client.get_run(tracker.run_id).data.tags
+    card = model_card(params, meta, CardVersion(
+        found.name, str(found.version), decision, dict(found.tags), tracker.run_id, link,
+        run_tags.get("train.device")))
+    path = Path(params.paths.register) / files.MODEL_CARD
+    with atomic_file(path) as tmp:
+        tmp.write_text(card.text)
+    # A disagreeing ONNX export stays stated (export runs after this, not always again).
+    notes = [p for p in (found.description or "").split("\n\n") if p.startswith(DISAGREES)]
+    client.update_model_version(found.name, found.version,
+                                description="\n\n".join([card.summary, *notes]))
+    log_with_version(client, found, path)
+    return path
 
 
 def _recorded_decision(found: ModelVersion) -> dict | None:
@@ -335,36 +366,51 @@ def _gate(client: MlflowClient, cfg: Register, version: str, scores: Scores,
           test: Split) -> dict[str, Any]:
     """Decide and move the aliases under the registry lock. The champion is scored outside it
     (that may take a while) and the decision is retried if the champion changed meanwhile."""
-    name = cfg.model_name
     while True:
-        champion = _champion(client, name)
-        compared = None
-        if champion is not None and champion != version:
-            compared = _champion_scores(client, name, champion, scores, test)
-        with RegistryLock(client, name):
-            if _champion(client, name) != champion:
-                continue  # another pipeline moved it while we scored: compare with the new one
-            client.set_registered_model_alias(name, CHALLENGER, version)
-            if champion == version:  # a retry after the aliases moved, before the tag
-                promoted, reasons = True, ["already the champion"]
-            else:
-                promoted, reasons = decide(scores, compared[0] if compared else None, cfg)
-            if promoted and champion not in (None, version):
-                client.set_registered_model_alias(name, PREVIOUS, champion)
-            if promoted:
-                client.set_registered_model_alias(name, CHAMPION, version)
-            decision = {
-                "promoted": promoted, "reasons": reasons, "primary_metric": cfg.primary_metric,
-                "champion": version if promoted else champion,
-                "previous_champion": champion if promoted and champion != version else None,
-                "challenger_scores": asdict(scores),
-                "compared_with": None if not compared else {
-                    "version": champion, "rescored": compared[1], "scores": asdict(compared[0])},
-                "decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-            client.set_model_version_tag(name, version, "gate.decision",
-                                         json.dumps(decision)[:5000])
+        seen = _scored_champion(client, cfg.model_name, version, scores, test)
+        with RegistryLock(client, cfg.model_name):
+            decision = _decide_locked(client, cfg, version, scores, *seen)
+        if decision is not None:
             return decision
+
+
+def _scored_champion(client: MlflowClient, name: str, version: str | None, scores: Scores,
+                     test: Split) -> tuple[str | None, tuple[Scores, bool] | None]:
+    """The champion now, and its scores on this test split unless it is `version` itself."""
+    champion = _champion(client, name)
+    if champion is None or champion == version:
+        return champion, None
+    return champion, _champion_scores(client, name, champion, scores, test)
+
+
+def _decide_locked(client: MlflowClient, cfg: Register, version: str, scores: Scores,
+                   champion: str | None, compared: tuple[Scores, bool] | None) -> dict | None:
+    """Under the registry lock: decide on `version` against `champion` as scored before, move
+    the aliases and record the decision on the version; None (nothing done) when another
+    pipeline moved the champion since it was scored."""
+    name = cfg.model_name
+    if _champion(client, name) != champion:
+        return None
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    if champion == version:  # a retry after the aliases moved, before the tag
+        promoted, reasons, compared = True, ["already the champion"], None
+    else:
+        promoted, reasons = decide(scores, compared[0] if compared else None, cfg)
+    if promoted and champion not in (None, version):
+        client.set_registered_model_alias(name, PREVIOUS, champion)
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    decision = {
+        "promoted": promoted, "reasons": reasons, "primary_metric": cfg.primary_metric,
+        "champion": version if promoted else champion,
+        "previous_champion": champion if promoted and champion != version else None,
+        "challenger_scores": asdict(scores),
+        "compared_with": None if not compared else {
+            "version": champion, "rescored": compared[1], "scores": asdict(compared[0])},
+        "decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    client.set_model_version_tag(name, version, "gate.decision", json.dumps(decision)[:5000])
+    return decision
 
 
 def _champion(client: MlflowClient, name: str) -> str | None:
@@ -391,7 +437,7 @@ def _champion_scores(client: MlflowClient, name: str, champion: str, scores: Sco
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_step(register, argv)
+    run_step(register, argv, track="join")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from components import files
 from components.images import BadImage, decode, scan_folder
 from components.params import Data, UserError
 
@@ -224,7 +225,7 @@ def _folder(cfg: Data, workdir: Path) -> Pool:
     scan = scan_folder(cfg.root)
     n, size, channels = len(scan.candidates), cfg.image_size, cfg.channels or 3
     shape = (max(n, 1), size, size, channels)
-    x = np.lib.format.open_memmap(workdir / "pool.npy", mode="w+", dtype=np.uint8, shape=shape)
+    x = np.lib.format.open_memmap(workdir / files.POOL, mode="w+", dtype=np.uint8, shape=shape)
     ok = np.zeros(n, bool)
     quarantine = list(scan.rejected)
     job = partial(_decode_job, size=size, channels=channels, resize=cfg.resize,

@@ -4,9 +4,11 @@ Where: `MLFLOW_TRACKING_URI` alone says. Unset, the embedded default is `mlflow.
 working directory with artifacts in `mlartifacts/` beside it, so nothing has to be started. The
 experiment is `register.experiment`, or `register.model_name` when that is null.
 
-One run, three processes: train starts the run and writes its id to `<paths.train>/run.json`
-(atomically); evaluate and register (separate processes under `dvc repro`) open that run again.
-A train that resumes after a crash keeps logging into the run it started.
+One run, three processes: train opens the run and writes its id to `<paths.train>/run.json`
+(atomically); evaluate and register (separate processes under `dvc repro`) join that run. A train
+that continues its last checkpoint keeps logging into the run that wrote it: after a crash, and
+when a finished run is started again (`dvc repro --force`), so that no new run and no new model
+version is made; a train that starts fresh gets a new run.
 
 The run gets, when train starts: the validated params flattened (`section.key`), lineage tags
 (git commit and dirty tree, the prepared data's DVC hash, a params hash, the dataset's name), the
@@ -21,7 +23,17 @@ with backoff; at the end the step waits up to `register.flush_timeout_s` for it,
 undelivered (metrics, tags, artifacts) is parked in `<paths.train>/mlflow-pending.json`, which the
 next step or run delivers first. An unreachable server fails a step before any work, naming it.
 
-Steps stay usable without MLflow: only their main() wires this in, through `tracked(step)`.
+Where a step's inputs are read-only (Kubeflow passes them as artifacts), the runner says so with
+`tracked(..., pending_dir=<the step's own output folder>)`: what the step could not deliver is
+parked there, and what earlier steps parked in their folders (any `paths` folder) is delivered
+without rewriting their files (MLflow ignores a metric it already holds, so a second delivery
+adds nothing). There, too, the run id travels as a value: train writes it to `run_id_out`, and
+the later steps join the run given as `run_id` rather than the one run.json names. Without git
+(a container), the commit and dirty flag come from CNN_PIPELINE_GIT_COMMIT and _DIRTY, which the
+Kubeflow pipeline records when it is compiled.
+
+Steps stay usable without MLflow: they take an optional `tracker`, and every entry point (a step's
+main() through components.cli, a flow's task) attaches it the same way, with `tracked(step)`.
 """
 
 from __future__ import annotations
@@ -43,19 +55,18 @@ import urllib.request
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, LifecycleStage, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from components.atomic import write_json
-from components.params import Params, UserError, flatten
-from components.prepared import MANIFEST, load_split, read_manifest
+from components import files
+from components.atomic import atomic_file, write_json
+from components.params import DEFAULT_PARAMS, Params, UserError, flatten
+from components.prepared import load_split, read_manifest
 
-RUN_FILE = "run.json"
-PENDING_FILE = "mlflow-pending.json"
 EMBEDDED_DB = "mlflow.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
 PROBE_TIMEOUT_S = 5.0  # a live server answers /health in milliseconds
@@ -63,11 +74,16 @@ BACKOFF_S = (0.5, 30.0)  # first and longest wait between delivery attempts
 BATCH = 1000  # MLflow's limits per log_batch: metrics, and tags or params
 TAG_BATCH = 100
 UNSAFE_KEY = re.compile(r"[^\w\-. :/]")  # MLflow refuses other characters in metric keys
+GIT_ENV = ("CNN_PIPELINE_GIT_COMMIT", "CNN_PIPELINE_GIT_DIRTY")  # git_state where git is not
 
 
 def tracking_uri() -> str:
     """The address from MLFLOW_TRACKING_URI, else the embedded SQLite store in the project."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(EMBEDDED_DB).resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri()
+
+
+def embedded_uri() -> str:
+    return f"sqlite:///{Path(EMBEDDED_DB).resolve()}"
 
 
 def shown(uri: str) -> str:
@@ -116,7 +132,7 @@ def git_state(cwd: str | Path = ".") -> tuple[str, str]:
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
                                 capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        return "unknown", "unknown"
+        return os.environ.get(GIT_ENV[0], "unknown"), os.environ.get(GIT_ENV[1], "unknown")
     return commit, "true" if status.strip() else "false"
 
 
@@ -271,7 +287,7 @@ class Pending:
     """What a step could not deliver (metrics, tags, artifacts), parked for the next step."""
 
     def __init__(self, folder: str | Path):
-        self.path = Path(folder) / PENDING_FILE
+        self.path = Path(folder) / files.PENDING
 
     def read(self) -> dict[str, Any]:
         return json.loads(self.path.read_text()) if self.path.is_file() else {}
@@ -292,7 +308,9 @@ class Pending:
              f"and {len(artifacts)} artifacts of run {run_id} wait in {self.path}; the next step "
              "delivers them")
 
-    def deliver(self, client: MlflowClient, uri: str) -> None:
+    def deliver(self, client: MlflowClient, uri: str, keep: bool = False) -> None:
+        """Send what waits for `uri`, removing each entry once it is in; `keep`: leave the file
+        as it is (another step's, in a read-only input)."""
         data = self.read()
         mine = [key for key, entry in data.items() if entry["uri"] == shown(uri)]
         for key in mine:
@@ -303,9 +321,11 @@ class Pending:
                 if not _permanent(err):
                     raise
                 _say(f"MLflow refused what waited for run {entry['run_id']}: {err}; dropped")
+            if keep:
+                continue
             del data[key]
             write_json(self.path, data)
-        if mine and not data:
+        if mine and not data and not keep:
             self.path.unlink(missing_ok=True)
 
 
@@ -315,71 +335,109 @@ class Pending:
 class Tracker:
     """An MLflow run shared by the steps of one pipeline run; see the module docstring."""
 
-    def __init__(self, params: Params, client: MlflowClient, uri: str, run_id: str):
-        self.params, self.client, self.uri, self.run_id = params, client, uri, run_id
-        self.experiment_id = client.get_run(run_id).info.experiment_id
+    def __init__(self, params: Params, client: MlflowClient, uri: str, run_id: str | None = None,
+                 pending_dir: str | Path | None = None):
+        self.params, self.client, self.uri = params, client, uri
         self.folder = Path(params.paths.train)
-        self.pending = Pending(self.folder)
-        self.outbox = Outbox(client, run_id, uri)
+        self.pending = Pending(pending_dir or self.folder)
+        # Read-only inputs: what earlier steps parked in their own folders (module docstring).
+        folders = {Path(f).resolve() for f in params.paths.model_dump().values()}
+        self.inherited = [] if pending_dir is None else [
+            Pending(f) for f in sorted(folders - {Path(pending_dir).resolve()})]
         self.unsent: list[list[str]] = []  # artifacts whose upload failed
         self.closed = False
+        self.run_id = self.experiment_id = self.outbox = None
+        if run_id is not None:
+            self._attach(run_id)
+
+    def _attach(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.experiment_id = self.client.get_run(run_id).info.experiment_id
+        self.outbox = Outbox(self.client, run_id, self.uri)
+
+    def _deliver_pending(self) -> None:
+        for inherited in self.inherited:
+            inherited.deliver(self.client, self.uri, keep=True)
+        self.pending.deliver(self.client, self.uri)
 
     @classmethod
-    def start(cls, params: Params) -> Tracker:
-        """For train: a new run (or the unfinished one a crashed train resumes), with params,
-        lineage tags, the dataset input and the inputs' artifacts."""
+    def start(cls, params: Params, pending_dir: str | Path | None = None) -> Tracker:
+        """For train: connected now, so an unreachable server fails before any work; the run is
+        chosen when train says where it starts (`on_train_start`)."""
         uri, client = _connect()
-        old = _read_run_file(params)
-        reuse = (old and old["tracking_uri"] == shown(uri) and not old.get("train_finished")
-                 and params.train.resume != "never"
-                 and (Path(params.paths.train) / "checkpoints" / "last.pt").exists()
-                 and _live_run(client, old["run_id"]))
-        if reuse:
-            run_id = old["run_id"]
-            client.update_run(run_id, status="RUNNING")
-        else:
-            run_id = _new_run(client, params)
-        tracker = cls(params, client, uri, run_id)
-        tracker._open(fresh=not reuse)
+        tracker = cls(params, client, uri, pending_dir=pending_dir)
+        tracker._deliver_pending()
         return tracker
 
     @classmethod
-    def resume(cls, params: Params) -> Tracker:
-        """For evaluate and register: the run train started (a new one if train ran untracked)."""
-        old = _read_run_file(params)
+    def resume(cls, params: Params, run_id: str | None = None,
+               pending_dir: str | Path | None = None) -> Tracker:
+        """For evaluate and register: the run train started, `run_id` or the one run.json names
+        (a new one if train ran untracked)."""
+        old, source = _read_run_file(params), f"from {Path(params.paths.train) / files.RUN}"
+        if run_id is not None:
+            old = {"run_id": run_id, "tracking_uri": shown(tracking_uri())}
+            source = "passed on by train"
         if old is None:
-            return cls.start(params)
+            tracker = cls.start(params, pending_dir)
+            tracker.open_run(continues=False)
+            return tracker
         uri, client = _connect()
         if old["tracking_uri"] != shown(uri):
             raise UserError(
-                f"{Path(params.paths.train) / RUN_FILE}: train tracked into "
+                f"{Path(params.paths.train) / files.RUN}: train tracked into "
                 f"{shown(old['tracking_uri'])} but MLFLOW_TRACKING_URI now means {shown(uri)}; "
                 "point it back, or run train again to start a run there"
             )
         if not _live_run(client, old["run_id"]):
             raise UserError(
-                f"run {old['run_id']} (from {Path(params.paths.train) / RUN_FILE}) is not in "
+                f"run {old['run_id']} ({source}) is not in "
                 f"{shown(uri)} or was deleted; run train again to start a new run"
             )
         client.update_run(old["run_id"], status="RUNNING")
-        tracker = cls(params, client, uri, old["run_id"])
-        tracker.pending.deliver(client, uri)
+        tracker = cls(params, client, uri, old["run_id"], pending_dir)
+        tracker._deliver_pending()
         return tracker
 
-    def _open(self, fresh: bool) -> None:
-        self.pending.deliver(self.client, self.uri)
-        params = self.params
-        logged = {} if fresh else self.client.get_run(self.run_id).data.params
-        flat = [Param(k, str(v)) for k, v in flatten(params).items() if k not in logged]
-        tags = lineage(params)
+    @classmethod
+    def batch(cls, params: Params) -> Tracker:
+        """For batch prediction: a new run of its own in the model's experiment (a batch is not
+        a training run); what the server does not take waits under paths.predictions."""
+        uri, client = _connect()
+        tracker = cls(params, client, uri)
+        tracker.pending = Pending(params.paths.predictions)  # leftovers wait beside the batch's
+        tracker.pending.deliver(client, uri)
+        run = client.create_run(experiment_id(client, params), run_name="batch-predict", tags={
+            "mlflow.source.name": "components.predict", "mlflow.source.type": "LOCAL",
+            "pipeline.kind": "batch-predict"})
+        tracker._attach(run.info.run_id)
+        return tracker
+
+    def open_run(self, continues: bool) -> None:
+        """The run of train's output: the one run.json names when train continues what that run
+        wrote (a resume after a crash, or a finished run started again: no new run, so nothing
+        downstream makes a new model version), else a new run with params, lineage tags, the
+        dataset input and the inputs' artifacts."""
+        old = _read_run_file(self.params)
+        reuse = bool(continues and old and old["tracking_uri"] == shown(self.uri)
+                     and _live_run(self.client, old["run_id"]))
+        if reuse:
+            self.client.update_run(old["run_id"], status="RUNNING")
+        self._attach(old["run_id"] if reuse else _new_run(self.client, self.params))
+        logged = self.client.get_run(self.run_id).data.params if reuse else {}
+        flat = [Param(k, str(v)) for k, v in flatten(self.params).items() if k not in logged]
+        tags = lineage(self.params)
         flat_tags = [RunTag(k, v) for k, v in tags.items()]
         for i in range(0, max(len(flat), len(flat_tags)), TAG_BATCH):
             self.client.log_batch(self.run_id, params=flat[i:i + TAG_BATCH],
                                   tags=flat_tags[i:i + TAG_BATCH], synchronous=True)
-        if fresh:
+        if not reuse:
             self._log_dataset(tags)
             self._log_inputs()
-        self._write_run_file(train_finished=False)
+        write_json(self.folder / files.RUN, {
+            "run_id": self.run_id, "tracking_uri": shown(self.uri),  # no password in files
+            "experiment_id": self.experiment_id,
+        })
 
     def _log_dataset(self, tags: dict[str, str]) -> None:
         import mlflow.data
@@ -395,35 +453,30 @@ class Tracker:
         self.client.log_inputs(self.run_id, [DatasetInput(entity, [context])])
 
     def _log_inputs(self) -> None:
-        from components.augment import PREVIEW_FILE
-        from components.transforms import POLICY_FILE
-
         augment = Path(self.params.paths.augment)
-        self.log_artifacts([augment / POLICY_FILE, augment / PREVIEW_FILE], "augment")
-        self.log_artifacts([Path(self.params.paths.prepared) / MANIFEST], "data")
+        self.log_artifacts([augment / files.POLICY, augment / files.PREVIEW], "augment")
+        self.log_artifacts([Path(self.params.paths.prepared) / files.MANIFEST], "data")
         self.log_artifacts([Path("dvc.lock")])
         # The settings as validated, overrides included: what this run really used.
         dumped = yaml.safe_dump(self.params.model_dump(mode="json"), sort_keys=False)
-        self.client.log_text(self.run_id, dumped, "params.yaml")
-
-    def _write_run_file(self, train_finished: bool) -> None:
-        write_json(self.folder / RUN_FILE, {
-            "run_id": self.run_id, "tracking_uri": shown(self.uri),  # no password in files
-            "experiment_id": self.experiment_id,
-            "train_finished": train_finished,
-        })
+        self.client.log_text(self.run_id, dumped, DEFAULT_PARAMS)
 
     # The train callback protocol.
+    def on_train_start(self, resumed_from: int) -> None:
+        self.open_run(continues=resumed_from > 0)
+
     def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
         self.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
 
     def on_train_end(self, result: Any) -> None:
-        summary = {"train.best_epoch": result.best_epoch, "train.seconds": result.train_seconds,
-                   "train.images_per_s": result.images_per_s}
-        self.log_metrics(summary, step=result.epochs)
-        self.set_tags({"train.device": str(result.device), "train.precision": result.precision})
+        if result.epochs > result.resumed_from:  # a finished run started again trained nothing
+            summary = {"train.best_epoch": result.best_epoch,
+                       "train.seconds": result.train_seconds,
+                       "train.images_per_s": result.images_per_s}
+            self.log_metrics(summary, step=result.epochs)
+            self.set_tags({"train.device": str(result.device),
+                           "train.precision": result.precision})
         self.log_artifacts([Path(result.history_path)], "train")
-        self._write_run_file(train_finished=True)
 
     # What evaluate and register call.
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
@@ -459,6 +512,8 @@ class Tracker:
         if self.closed:
             return
         self.closed = True
+        if self.run_id is None:
+            return  # train failed before it opened its run: nothing was logged
         metrics, tags = self.outbox.close(self.params.register.flush_timeout_s)
         self.pending.add(self.uri, self.run_id, metrics, tags, self.unsent)
         if metrics or tags or self.unsent or not _answers(self.uri):
@@ -477,19 +532,63 @@ class Tracker:
         self.close("FAILED" if kind else "FINISHED")
 
 
-def tracked(step: Callable[..., Any]) -> Callable[[Params], Any]:
-    """`step` tracked in MLflow, for its main(): train gets a Tracker as a callback and starts
-    the run; evaluate and register get the run train started as `tracker`."""
+def tracked(step: Callable[..., Any], run: Literal["start", "join", "batch"] = "join", *,
+            run_id: str | None = None, run_id_out: str | Path | None = None,
+            pending_dir: str | Path | None = None) -> Callable[[Params], Any]:
+    """`step(params, tracker=...)` with the pipeline's MLflow run attached, closed with the
+    step's outcome: the one way every entry point (a step's main(), a flow's task) tracks a step.
+    `start`: train, which picks the run when it knows where it starts; `join`: the later steps,
+    which log into the run train started (`run_id`, else the one run.json names); `batch`:
+    batch prediction, a new run per batch. `run_id_out`: a file to write the run's id to;
+    `pending_dir`: the step's own folder, where its inputs are read-only (module docstring).
+    While the step runs, mlflow's process-wide default is the run's server (`mlflow_default`)."""
+    if run == "start":
+        opens = functools.partial(Tracker.start, pending_dir=pending_dir)
+    elif run == "join":
+        opens = functools.partial(Tracker.resume, run_id=run_id, pending_dir=pending_dir)
+    else:
+        opens = Tracker.batch
 
     @functools.wraps(step)
-    def run(params: Params) -> Any:
-        if step.__name__ == "train":
-            with Tracker.start(params) as tracker:
-                return step(params, callbacks=[tracker])
-        with Tracker.resume(params) as tracker:
-            return step(params, tracker=tracker)
+    def with_tracker(params: Params) -> Any:
+        with opens(params) as tracker, mlflow_default(tracker.uri):
+            result = step(params, tracker=tracker)
+        if run_id_out is not None:
+            with atomic_file(run_id_out) as tmp:
+                tmp.write_text(tracker.run_id)
+        return result
 
-    return run
+    return with_tracker
+
+
+@contextlib.contextmanager
+def mlflow_default(uri: str):
+    """mlflow's process-wide tracking address (what `mlflow.pyfunc.log_model` and `models:/` URIs
+    use) set to the run's `uri` inside, and put back after, with the MLFLOW_TRACKING_URI variable
+    that mlflow.set_tracking_uri also writes: a step run in-process (a flow's task, a test) leaves
+    the process pointing where it pointed before, not at a server that may since have gone."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def log_with_version(client: MlflowClient, version: Any, path: str | Path) -> bool:
+    """Upload `path` beside a registered version's model (into its logged model's artifacts,
+    which `models:/<name>/<version>` downloads); False for a version that has no logged model."""
+    source = str(version.source)
+    model_id = version.model_id or (source.removeprefix("models:/")
+                                    if source.startswith("models:/m-") else None)
+    if not model_id:
+        return False
+    client.log_model_artifact(model_id, str(path))
+    return True
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -505,9 +604,10 @@ def experiment_id(client: MlflowClient, params: Params) -> str:
     name = params.register.experiment or params.register.model_name
     found = client.get_experiment_by_name(name)
     if found is None:
-        # The embedded store keeps artifacts beside it, not in MLflow's default ./mlruns.
-        location = None if os.environ.get("MLFLOW_TRACKING_URI") else (
-            Path(EMBEDDED_ARTIFACTS).resolve().as_uri())
+        # The embedded store keeps artifacts beside it, not in MLflow's default ./mlruns. Judged
+        # by the client's address, not the environment: mlflow_default writes that in-process.
+        location = (Path(EMBEDDED_ARTIFACTS).resolve().as_uri()
+                    if client.tracking_uri == embedded_uri() else None)
         try:
             return client.create_experiment(name, artifact_location=location)
         except MlflowException:  # created by a concurrent pipeline a moment ago
@@ -536,7 +636,7 @@ def _live_run(client: MlflowClient, run_id: str) -> bool:
 
 
 def _read_run_file(params: Params) -> dict | None:
-    path = Path(params.paths.train) / RUN_FILE
+    path = Path(params.paths.train) / files.RUN
     return json.loads(path.read_text()) if path.is_file() else None
 
 

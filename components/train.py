@@ -16,6 +16,9 @@ settings, policy, data and code, and ends exactly where an uninterrupted run wou
 When any of those changed, the run starts fresh and says what changed: `dvc exp run
 --set-param train.lr=...` must train a new model, not refuse. `never` always starts fresh.
 
+A callback may end the run after an epoch by raising StopTraining (a search's pruner does):
+the outputs are written as after early stopping and TrainResult.stopped_by says why.
+
 Several devices (train.devices > 1 or auto): train() launches torchrun and tracks, the workers
 train (components.ddp says who does what). Each epoch's order comes from (seed, epoch) and is the
 same on every rank; each global batch of train.batch_size images is cut in one share per rank,
@@ -23,6 +26,12 @@ the gradients are averaged by DDP, the metrics summed over the ranks, and rank 0
 With models without batch norm or dropout, that is one process's training up to the order of
 float additions (tests/test_ddp.py). Batch norm normalises with each rank's own share, as DDP
 does by default; out of memory on one rank ends the run (the ranks cannot halve alone).
+
+Imbalanced classes: `train.class_weights` (balanced, or a weight per class name) weighs the
+training loss (`weighted_cross_entropy`; validation loss stays unweighted, so best.pt is chosen on
+the same scale as without); `train.sampler: balanced` draws each epoch so that every class is seen
+equally often (components/batches.py, `BalancedOrder`). model.pt also carries the test split as
+the kept weights score it, the reference of batch prediction's drift check (components/drift.py).
 
 Around the loop: components/recipe.py sets the run up (device, precision, model, optimizer,
 schedule), components/batches.py holds the images on the device, components/ddp.py spreads the
@@ -46,19 +55,24 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from components import batches, ddp, models, recipe, transforms
+from components import batches, ddp, drift, files, models, recipe, transforms
 from components import checkpoint as ckpt
 from components.atomic import write_json
 from components.batches import Images, load_images
-from components.params import Params, UserError, run_step
-from components.prepared import class_names, read_manifest
+from components.cli import run_step
+from components.params import Params, UserError
+from components.prepared import class_names, load_split, read_manifest
+from components.step_code import code_hashes
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3  # imported where train.ema asks for it: timm is slow
 
 LOG_EVERY = 25  # steps between progress updates and non-finite checks (each one a host sync)
 MIN_BATCH = 2  # halving on out-of-memory stops here: batch norm needs two samples
@@ -73,8 +87,17 @@ class NonFiniteLossError(UserError):
     """The loss stayed NaN or infinite for train.max_bad_steps steps in a row."""
 
 
+class StopTraining(Exception):  # noqa: N818 (a request, not an error)
+    """A callback's on_epoch_end raises this to end the run after that epoch, cleanly: every
+    callback still hears the epoch, and the checkpoints, history and model.pt are written as after
+    early stopping. A search's pruner stops a trial this way; the message says why."""
+
+
 class Callback(Protocol):
-    """Tracking plugs in here (e.g. MLflow); train runs without any."""
+    """Tracking plugs in here (e.g. MLflow); train runs without any. on_train_start and
+    on_train_end are optional; on_epoch_end may raise StopTraining."""
+
+    def on_train_start(self, resumed_from: int) -> None: ...  # epochs done before this call
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
 
@@ -98,6 +121,7 @@ class TrainResult:
     train_seconds: float  # training time of the epochs run by this call
     images_per_s: float  # of all devices together
     devices: int = 1  # processes (DDP when > 1); batch_size is the global batch over all of them
+    stopped_by: str | None = None  # why a callback stopped the run (StopTraining), e.g. a pruner
 
 
 @dataclass
@@ -135,6 +159,8 @@ class Loop:
     worst_run: torch.Tensor = None
     world: ddp.World = ddp.SINGLE
     frozen: bool = False  # the backbone's state when `forward` (DDP) was made
+    order: Any = None  # (seed, epoch) -> the epoch's indices (train.sampler)
+    class_weights: torch.Tensor | None = None  # per class, in the loss (train.class_weights)
 
     def autocast(self):
         if self.amp is None:
@@ -142,12 +168,16 @@ class Loop:
         return torch.autocast(self.device.type, dtype=self.amp)
 
 
-def train(params: Params, callbacks: Sequence[Callback] = ()) -> TrainResult:
-    """Train `params.model` on `params.paths.prepared` with `params.train`; see the module doc."""
+def train(params: Params, tracker: Callback | None = None,
+          callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Train `params.model` on `params.paths.prepared` with `params.train`; see the module doc.
+    `tracker` (components.tracking) is one more callback."""
+    callbacks = [*callbacks, *([tracker] if tracker is not None else [])]
+    class_weights(params.train, read_manifest(params.paths.prepared))  # refused before any work
     device, precision = recipe.runtime(params.train)
     n = ddp.device_count(params.train, device)
     if n > 1 and not ddp.in_worker():
-        result = TrainResult(**ddp.launch(params, n, [cb.on_epoch_end for cb in callbacks]))
+        result = TrainResult(**ddp.launch(params, n, callbacks))
     else:
         with ddp.process_group(device) as (world, device):
             callbacks = callbacks if world.main else ()
@@ -163,9 +193,9 @@ def _train(params: Params, device, precision: str, world: ddp.World,
            callbacks: Sequence[Callback]) -> TrainResult:
     cfg = params.train
     out = Path(params.paths.train)
-    ckdir = out / "checkpoints"
+    ckdir = out / files.CHECKPOINTS
     manifest = read_manifest(params.paths.prepared)
-    policy = transforms.load_policy(Path(params.paths.augment) / transforms.POLICY_FILE)
+    policy = transforms.load_policy(Path(params.paths.augment) / files.POLICY)
     fingerprint = _fingerprint(params, manifest, policy)
     if device.type == "cpu":
         recipe.keep_freed_memory()
@@ -176,31 +206,41 @@ def _train(params: Params, device, precision: str, world: ddp.World,
         saved = _resume_state(cfg, ckdir, fingerprint, world)
         if saved:
             prog = _restore(loop, saved)
-            _say(f"resuming from {ckdir / 'last.pt'} after epoch {prog.epoch}")
+            done = "finished: nothing to train" if _finished(cfg, prog) else "resuming"
+            _say(f"{ckdir / files.LAST} is this run's, after epoch {prog.epoch}: {done}")
         ddp.announce(out, world, prog.epoch)
-        resumed_from, seconds, images = prog.epoch, 0.0, 0
-        stopped = _patience_spent(cfg, prog)
-        while prog.epoch < cfg.epochs and not stopped:
+        ddp.started(callbacks, prog.epoch)
+        resumed_from, seconds, images, stopped_by = prog.epoch, 0.0, 0, None
+        while not stopped_by and not _finished(cfg, prog, say=True):
             row = _run_epoch(loop, prog, ckdir)
             seconds, images = seconds + row["train_s"], images + loop.train_data.n
-            _end_epoch(loop, prog, row, ckdir, fingerprint, out / "history.json")
-            for cb in callbacks:
-                cb.on_epoch_end(prog.epoch, prog.history[-1])
-            stopped = _patience_spent(cfg, prog)
+            _end_epoch(loop, prog, row, ckdir, fingerprint)
+            stopped_by = _epoch_done(callbacks, prog)
         if world.main:
-            best = ckpt.load(ckdir / "best.pt")
-            ckpt.save(out / "model.pt", ckpt.model_file(
-                spec, manifest, best["state_dict"], epoch=best["epoch"], metrics=best["metrics"],
-                ema=loop.ema is not None))
+            _write_outputs(params, spec, manifest, loop, prog)
     return TrainResult(
-        model_path=str(out / "model.pt"), history_path=str(out / "history.json"),
+        model_path=str(out / files.MODEL), history_path=str(out / files.HISTORY),
         checkpoint_dir=str(ckdir), epochs=prog.epoch, best_epoch=prog.best_epoch,
         metric=cfg.early_stopping_metric, best_value=prog.best_value, resumed_from=resumed_from,
         stopped_early=prog.epoch < cfg.epochs, batch_size=prog.batch_size,
         device=device.type if world.distributed else str(device), precision=precision,
         train_seconds=round(seconds, 3),
         images_per_s=round(images / seconds, 1) if seconds else 0.0, devices=world.size,
+        stopped_by=stopped_by,
     )
+
+
+def _epoch_done(callbacks: Sequence[Callback], prog: Progress) -> str | None:
+    """Every callback hears the epoch; the reason of the first that asked to stop, if any."""
+    stop = None
+    for cb in callbacks:
+        try:
+            cb.on_epoch_end(prog.epoch, prog.history[-1])
+        except StopTraining as request:
+            stop = stop or str(request) or f"{type(cb).__name__} stopped the run"
+    if stop:
+        _say(f"stopped after epoch {prog.epoch}: {stop}")
+    return stop
 
 
 def _build(params: Params, manifest, policy, device, precision,
@@ -212,6 +252,8 @@ def _build(params: Params, manifest, policy, device, precision,
     augment = transforms.make_batch_augment(policy, len(manifest["classes"]))
     train_data, val_data = load_images(params.paths.prepared, device, fmt, cfg.device_data_mb)
     scale, shift = ckpt.scale_shift(manifest["mean"], manifest["std"], device)
+    if cfg.ema:
+        from timm.utils import ModelEmaV3
     loop = Loop(
         cfg=cfg, device=device, amp=AMP[precision], fmt=fmt, model=model,
         forward=_forward(model, cfg, world, device),
@@ -220,14 +262,17 @@ def _build(params: Params, manifest, policy, device, precision,
         ema=ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema else None,
         # transforms hands back its identity function when the policy changes nothing: then
         # the step scales and normalises uint8 pixels in one kernel.
-        augment=None if augment is transforms._identity else augment,
+        augment=None if augment is transforms.identity else augment,
         scale=scale, shift=shift,
         head=models.head_parameters(model) if cfg.freeze_epochs else [],
         train_data=train_data, val_data=val_data,
         bad_run=torch.zeros((), dtype=torch.int64, device=device),
         worst_run=torch.zeros((), dtype=torch.int64, device=device),
-        world=world,
+        world=world, order=_order(cfg, train_data),
     )
+    weights = class_weights(cfg, manifest)
+    if weights is not None:
+        loop.class_weights = torch.tensor(weights, dtype=torch.float32, device=device)
     if cfg.freeze_epochs and not loop.head:
         raise UserError(f"model {params.model.name} has no classifier head to train alone; "
                         "set train.freeze_epochs=0")
@@ -245,7 +290,7 @@ def _forward(model: torch.nn.Module, cfg, world: ddp.World, device: torch.device
 
 def _resume_state(cfg, ckdir: Path, fingerprint: dict, world: ddp.World) -> dict | None:
     """last.pt when it continues this run; every rank reads the same file, rank 0 wrote it."""
-    last = ckdir / "last.pt"
+    last = ckdir / files.LAST
     saved = ckpt.load(last) if cfg.resume == "auto" and last.exists() else None
     if saved is not None:
         changed = ckpt.changes(saved.get("fingerprint", {}), fingerprint)
@@ -254,7 +299,7 @@ def _resume_state(cfg, ckdir: Path, fingerprint: dict, world: ddp.World) -> dict
         _say(f"{last} is from another run (changed: {', '.join(changed)}); starting fresh")
     ddp.barrier(world)  # every rank is done reading last.pt before rank 0 removes it
     if world.main and ckdir.exists():
-        shutil.rmtree(ckdir)  # a stale best.pt must not outlive its run
+        shutil.rmtree(ckdir)  # a stale best checkpoint must not outlive its run
     return None
 
 
@@ -286,7 +331,7 @@ def _train_epoch(loop: Loop, prog: Progress, epoch: int, ckdir: Path):
     _freeze_backbone(loop, epoch <= cfg.freeze_epochs)
     # The order is the same on every rank; augmentation and dropout draw per rank. Both follow
     # from (seed, epoch), so a run resumed at an epoch boundary continues the same sequence.
-    perm = batches.epoch_order(data.n, cfg.seed, epoch).to(data.index_device)
+    perm = loop.order(cfg.seed, epoch).to(data.index_device)
     recipe.seed(batches.epoch_seed(cfg.seed, epoch, world.rank))
     loss_sum = torch.zeros((), device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
@@ -341,8 +386,11 @@ def _step(loop: Loop, xb: torch.Tensor, yb: torch.Tensor, lr: float, step: int,
     x = x.contiguous(memory_format=loop.fmt)  # a no-op unless augmentation changed the layout
     with loop.autocast():
         logits = loop.forward(x)
-        loss = F.cross_entropy(logits, target, label_smoothing=loop.cfg.label_smoothing)
-    scaled = loss if weight == 1.0 else loss * weight
+        if loop.class_weights is None:
+            loss = F.cross_entropy(logits, target, label_smoothing=loop.cfg.label_smoothing)
+            scaled = loss if weight == 1.0 else loss * weight
+        else:
+            loss, scaled = _weighted_loss(loop, logits, target)
     (loop.scaler.scale(scaled) if loop.scaler else scaled).backward()  # DDP: gradients synced
     if loop.cfg.grad_clip:
         if loop.scaler:
@@ -366,6 +414,59 @@ def _step(loop: Loop, xb: torch.Tensor, yb: torch.Tensor, lr: float, step: int,
     torch.maximum(loop.worst_run, loop.bad_run, out=loop.worst_run)
     labels = target.argmax(1) if target.ndim == 2 else target  # soft targets: mixup/cutmix
     return loss.detach().float(), (logits.detach().argmax(1) == labels).sum(), bad
+
+
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                           label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of weighted per-sample losses, sum of the weights): their ratio is the class-weighted
+    cross-entropy. Each sample weighs its target's mix of class weights: its class's weight for
+    a hard label; with label smoothing or mixup/cutmix (soft targets) the weights mixed in the
+    target's proportions, so a mixed pair of a rare and a common image weighs in between. For
+    hard labels without smoothing the ratio is torch's `cross_entropy(weight=...)`."""
+    k = logits.shape[1]
+    q = target.float() if target.ndim == 2 else F.one_hot(target, k).float()
+    if label_smoothing:
+        q = q * (1.0 - label_smoothing) + label_smoothing / k  # torch's smoothing of any target
+    per_sample = -(q * F.log_softmax(logits.float(), dim=1)).sum(1)
+    w = (q * weights).sum(1)  # not a matmul: autocast would round the weights to 16 bits
+    return (w * per_sample).sum(), w.sum()
+
+
+def _weighted_loss(loop: Loop, logits: torch.Tensor, target: torch.Tensor):
+    """(the loss to report, the one to back-propagate), class-weighted. Normalised by the summed
+    weights of the whole global batch (one all-reduce under DDP), so that DDP's mean over the
+    ranks is the weighted mean over the global batch, as one process computes it."""
+    num, den = weighted_cross_entropy(logits, target, loop.class_weights,
+                                      loop.cfg.label_smoothing)
+    total = ddp.total(den.detach().clone(), loop.world)
+    return num / den, num * (loop.world.size / total.clamp_min(1e-12))
+
+
+def class_weights(cfg, manifest: dict) -> list[float] | None:
+    """train.class_weights as one weight per class (the manifest's order), or None for none.
+    balanced: n / (classes present × the class's count), from the train split's counts
+    (scikit-learn's "balanced"); a class with no training image gets 0 (nothing to weigh).
+    A mapping: its weights by class name, 1 for the classes it leaves out."""
+    if cfg.class_weights == "none":
+        return None
+    names = class_names(manifest)
+    if cfg.class_weights == "balanced":
+        counts = [int(manifest["counts"]["train"].get(c, 0)) for c in names]
+        present = sum(1 for n in counts if n)
+        return [sum(counts) / (present * n) if n else 0.0 for n in counts]
+    unknown = sorted(set(cfg.class_weights) - set(names))
+    if unknown:
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        raise UserError(f"train.class_weights names classes the data does not have: "
+                        f"{', '.join(unknown)}; its classes are {shown}")
+    return [float(cfg.class_weights.get(c, 1.0)) for c in names]
+
+
+def _order(cfg, data: Images):
+    """train.sampler: the epoch's indices as a function of (seed, epoch)."""
+    if cfg.sampler == "balanced":
+        return batches.BalancedOrder(data.y.cpu().numpy())
+    return lambda seed, epoch: batches.epoch_order(data.n, seed, epoch)
 
 
 def _freeze_backbone(loop: Loop, frozen: bool) -> None:
@@ -415,7 +516,7 @@ def _check_finite(loop: Loop, prog: Progress, ckdir: Path) -> None:
     worst = int(loop.worst_run.item())
     if worst < loop.cfg.max_bad_steps:
         return
-    last = ckdir / "last.pt"
+    last = ckdir / files.LAST
     kept = (f"the last good checkpoint is {last} (epoch {prog.epoch})" if last.exists()
             else "no checkpoint was written yet")
     raise NonFiniteLossError(
@@ -455,8 +556,7 @@ def _score(loop: Loop, net, data: Images, part: range, batch_size: int) -> torch
     return _score(loop, net, data, part, _halve(batch_size, "evaluation"))
 
 
-def _end_epoch(loop: Loop, prog: Progress, row: dict, ckdir: Path, fingerprint: dict,
-               history_path: Path) -> None:
+def _end_epoch(loop: Loop, prog: Progress, row: dict, ckdir: Path, fingerprint: dict) -> None:
     """Best, then last, then history: a kill between any two leaves a consistent set."""
     cfg = loop.cfg
     row.pop("train_s")
@@ -472,38 +572,83 @@ def _end_epoch(loop: Loop, prog: Progress, row: dict, ckdir: Path, fingerprint: 
         return  # every rank keeps the same Progress; rank 0 writes it
     if better:
         net = loop.ema.module if loop.ema is not None else loop.model
-        ckpt.save(ckdir / "best.pt", {"state_dict": net.state_dict(), "epoch": prog.epoch,
+        ckpt.save(ckdir / files.BEST, {"state_dict": net.state_dict(), "epoch": prog.epoch,
                                       "metrics": row})
-    ckpt.save(ckdir / "last.pt", {
+    ckpt.save(ckdir / files.LAST, {
         "fingerprint": fingerprint, "progress": asdict(prog),
         "model": loop.model.state_dict(), "optimizer": loop.opt.state_dict(),
         "ema": loop.ema.state_dict() if loop.ema is not None else None,
         "scaler": loop.scaler.state_dict() if loop.scaler is not None else None,
         "rng": ckpt.rng_state(),
     })
-    write_json(history_path, prog.history)
+    write_json(ckdir.parent / files.HISTORY, prog.history)
     val = "" if row["val_acc"] is None else (
         f" val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}")
     _say(f"epoch {prog.epoch}/{cfg.epochs} loss {row['train_loss']:.4f} "
          f"acc {row['train_acc']:.4f}{val} {row['images_per_s']:.0f} img/s {row['epoch_s']:.1f}s")
 
 
-def _patience_spent(cfg, prog: Progress) -> bool:
+def _finished(cfg, prog: Progress, say: bool = False) -> bool:
+    """All epochs done, or the patience for early stopping spent."""
+    if prog.epoch >= cfg.epochs:
+        return True
     patience = cfg.early_stopping_patience
     spent = bool(patience) and prog.epoch - prog.best_epoch >= patience
-    if spent and prog.epoch < cfg.epochs:
+    if spent and say:
         _say(f"early stop after epoch {prog.epoch}: {cfg.early_stopping_metric} has not improved "
              f"since epoch {prog.best_epoch}")
     return spent
 
 
+def _write_outputs(params: Params, spec: dict, manifest: dict, loop: Loop,
+                   prog: Progress) -> None:
+    """model.pt from the best checkpoint, with its test-split reference, and the whole history:
+    written again when a finished run is started again, so every output DVC expects is there
+    after any invocation."""
+    out = Path(params.paths.train)
+    best = ckpt.load(out / files.CHECKPOINTS / files.BEST)
+    reference = _test_reference(params, manifest, loop, best["state_dict"], 2 * prog.batch_size)
+    ckpt.save(out / files.MODEL, ckpt.model_file(
+        spec, manifest, best["state_dict"], epoch=best["epoch"], metrics=best["metrics"],
+        ema=loop.ema is not None, **({"reference": reference} if reference else {})))
+    write_json(out / files.HISTORY, prog.history)
+
+
+@torch.no_grad()
+def _test_reference(params: Params, manifest: dict, loop: Loop, weights: dict,
+                    batch_size: int) -> dict | None:
+    """What batch prediction compares new images with (components/drift.py), carried in model.pt:
+    the test split scored with the kept weights as evaluate and predict score it (fp32, the same
+    normalisation). Measured here, after training, so that the model file alone holds it (evaluate
+    may not rewrite train's outputs); the weights were chosen on the validation split, and nothing
+    in training depends on this. None without a test split."""
+    test = load_split(params.paths.prepared, "test")
+    if len(test.y) == 0:
+        return None
+    net = loop.ema.module if loop.ema is not None else loop.model
+    net.load_state_dict(weights)  # training is over: score with the weights model.pt keeps
+    net.eval()
+    while True:
+        try:
+            logp = [torch.log_softmax(net(ckpt.prepare_input(
+                np.array(test.x[i:i + batch_size]), manifest, loop.device)).float(), dim=1).cpu()
+                for i in range(0, len(test.y), batch_size)]
+            return drift.reference(torch.cat(logp).numpy(), class_names(manifest))
+        except torch.OutOfMemoryError:
+            pass  # halved outside the except block, which holds the failed batch's tensors
+        batch_size = _halve(batch_size, "scoring the test split")
+
+
 def _fingerprint(params: Params, manifest: dict, policy: dict) -> dict:
-    return ckpt.fingerprint(
+    """What last.pt must share with this run to be continued: settings that change the numbers,
+    the data, the policy, and the code of this step (components/step_code.py: its imports)."""
+    return dict(
         model=params.model.model_dump(mode="json"),
         train=params.train.model_dump(mode="json", exclude=SAME_RUN_KEYS),
         policy=policy,
         data={"hashes": manifest.get("hashes"), "classes": class_names(manifest),
               "image_size": manifest["image_size"], "channels": manifest["channels"]},
+        code=code_hashes("components.train"),
     )
 
 
@@ -514,10 +659,8 @@ def _say(message: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     if ddp.in_worker():  # started by ddp.launch: the parent that started it tracks
         run_step(ddp.record(train), argv)
-        return
-    from components.tracking import tracked  # MLflow is the command line's; train() runs without
-
-    run_step(tracked(train), argv)
+    else:
+        run_step(train, argv, track="start")
 
 
 if __name__ == "__main__":

@@ -34,14 +34,12 @@ from typing import Any
 import kornia.augmentation as K
 import kornia.enhance as KE
 import torch
-import torchvision.transforms.v2 as T
-import torchvision.transforms.v2.functional as TF
 from kornia.augmentation.auto.autoaugment import autoaugment as kornia_autoaugment
 from kornia.geometry.transform import get_affine_matrix2d, warp_affine
 
+from components import files
 from components.params import UserError
 
-POLICY_FILE = "policy.json"
 POLICY_VERSION = 1
 
 BatchAugment = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -96,7 +94,7 @@ def load_policy(path: str | Path) -> dict[str, Any]:
     """Read policy.json (or the folder holding it) as written by the augment step."""
     path = Path(path)
     if path.is_dir() or path.suffix != ".json":
-        path = path / POLICY_FILE
+        path = path / files.POLICY
     if not path.is_file():
         raise UserError(
             f"{path}: no augmentation policy; run the augment step first "
@@ -115,7 +113,7 @@ def make_batch_augment(policy: dict[str, Any], num_classes: int) -> BatchAugment
     """The training-time augmentation described by `policy`, as `(x, y) -> (x_aug, target)`."""
     if policy["num_classes"] != num_classes:
         raise UserError(
-            f"policy.json was made for {policy['num_classes']} classes, the data has "
+            f"{files.POLICY} was made for {policy['num_classes']} classes, the data has "
             f"{num_classes}; run the augment step again"
         )
     stages = _stages(policy)
@@ -129,7 +127,7 @@ def make_batch_augment(policy: dict[str, Any], num_classes: int) -> BatchAugment
     def augment(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if tuple(x.shape[1:]) != shape:
             raise UserError(
-                f"batch of shape {tuple(x.shape)} but policy.json is for {expected}; "
+                f"batch of shape {tuple(x.shape)} but {files.POLICY} is for {expected}; "
                 "run the augment step again after prepare"
             )
         # C=1 tensors are both contiguous and channels_last; only a real channels_last is kept.
@@ -150,7 +148,6 @@ def identity(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return x, y
 
 
-_identity = identity  # the name train.py first used
 
 
 def _stages(policy: dict[str, Any]) -> list[Callable[[torch.Tensor], torch.Tensor]]:
@@ -171,6 +168,8 @@ def _stages(policy: dict[str, Any]) -> list[Callable[[torch.Tensor], torch.Tenso
         stages.append(K.ColorJitter(**jitter))
     ops = policy.get("ops")
     if ops:
+        if any(entry["op"] == "auto_contrast" for entry in ops["entries"]):
+            _autocontrast(torch.zeros(1, 1, 1, 1))  # torchvision loads now, not in a training step
         stages.append(PerSampleOps(ops))
     erasing = policy.get("erasing")
     if erasing:
@@ -186,13 +185,16 @@ def _stages(policy: dict[str, Any]) -> list[Callable[[torch.Tensor], torch.Tenso
 def _mix(policy: dict[str, Any], num_classes: int) -> BatchAugment | None:
     # One mixing weight per batch and partners by rolling the batch, as in the mixup and cutmix
     # papers; torchvision's transforms do exactly that and return the soft targets.
+    if policy["mixup_alpha"] <= 0 and policy["cutmix_alpha"] <= 0:
+        return None
+    # Imported here: torchvision brings its models and ops along, seconds that only mixing uses.
+    import torchvision.transforms.v2 as T
+
     mixes = []
     if policy["mixup_alpha"] > 0:
         mixes.append(T.MixUp(alpha=policy["mixup_alpha"], num_classes=num_classes))
     if policy["cutmix_alpha"] > 0:
         mixes.append(T.CutMix(alpha=policy["cutmix_alpha"], num_classes=num_classes))
-    if not mixes:
-        return None
     return mixes[0] if len(mixes) == 1 else T.RandomChoice(mixes)
 
 
@@ -320,6 +322,12 @@ def _factor(mag: torch.Tensor) -> torch.Tensor:
     return 1.0 + mag
 
 
+def _autocontrast(x: torch.Tensor) -> torch.Tensor:
+    import torchvision.transforms.v2.functional as TF  # see _mix: where a policy uses it only
+
+    return TF.autocontrast(x)
+
+
 _INTENSITY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "brightness": lambda x, m: (x * _factor(m).view(-1, 1, 1, 1)).clamp_(0.0, 1.0),
     "color": lambda x, m: KE.adjust_saturation_with_gray_subtraction(x, _factor(m)),
@@ -327,7 +335,7 @@ _INTENSITY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "sharpness": lambda x, m: KE.sharpness(x, _factor(m)),
     "posterize": lambda x, m: KE.posterize(x, (8 - m.round()).long()),
     "solarize": lambda x, m: KE.solarize(x, thresholds=1.0 - m),
-    "auto_contrast": lambda x, m: TF.autocontrast(x),
+    "auto_contrast": lambda x, m: _autocontrast(x),
     "equalize": lambda x, m: KE.equalize(x),
     "invert": lambda x, m: 1.0 - x,
 }

@@ -1,12 +1,15 @@
-"""training-pipeline: prepare → augment → train → evaluate → register as Prefect tasks.
+"""training-pipeline: prepare → augment → train → evaluate → register → export as Prefect tasks.
 
 The tasks call the same component functions, with the same validated settings, as the DVC stages
 (`python -m components.<step>`), and track into one MLflow run the same way the steps' main()
 functions do, so a flow run and `dvc repro` of the same params give the same outputs.
 
-Parameters: `params_file` and, per params.yaml section, typed overrides (a form in the Prefect
-UI; empty fields keep the file's values), validated together like the file. `skip_register`
-leaves out the register gate (a sweep's children use it: only the sweep's best is registered).
+Parameters: `params_file`; per params.yaml section, typed overrides (a form in the Prefect UI;
+empty fields keep the file's values); `overrides`, `section.key=value` strings as on the command
+line (null, lists and mappings too); all validated together like the file (flows/settings.py).
+`skip_register` leaves out the register gate (a sweep's children use it: only the sweep's best is
+registered). `trial` makes the run a trial of a search (flows/trial.py): train reports each epoch
+to the study and stops when pruned (then evaluate is skipped); a trial never registers.
 
 - prepare is cached on what decides its output (flows/prepare_cache.py); a cached result counts
   only while the prepared folder still holds the same data.
@@ -21,13 +24,9 @@ leaves out the register gate (a sweep's children use it: only the sweep's best i
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import asdict
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -35,7 +34,9 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 from components import augment as augment_step
+from components import cli
 from components import evaluate as evaluate_step
+from components import export as export_step
 from components import prepare as prepare_step
 from components import register as register_step
 from components import train as train_step
@@ -43,17 +44,9 @@ from components.params import DEFAULT_PARAMS, Params, UserError
 from components.prepared import class_names, read_manifest
 from components.tracking import tracked
 from flows import prepare_cache, run_tags
-from flows.settings import (
-    SECTIONS,
-    AugmentOverrides,
-    DataOverrides,
-    EvaluateOverrides,
-    ModelOverrides,
-    PathsOverrides,
-    RegisterOverrides,
-    TrainOverrides,
-    resolve,
-)
+from flows import trial as search_trial
+from flows.settings import resolve, with_sections
+from flows.trial import TrialRef
 
 ARTIFACT_KEY = "training-summary"
 
@@ -110,8 +103,11 @@ def augment_policy(params: Params) -> dict[str, Any]:
 
 @task(name="train", cache_policy=NO_CACHE, tags=["train"], retries=1, retry_delay_seconds=5,
       retry_condition_fn=retry_unless_user_error)
-def train_model(params: Params) -> dict[str, Any]:
-    return asdict(tracked(train_step.train)(params))
+def train_model(params: Params, trial: TrialRef | None = None) -> dict[str, Any]:
+    if trial is None:
+        return asdict(tracked(train_step.train, "start")(params))
+    reporter = search_trial.Reporter(params, trial)
+    return {**asdict(search_trial.train_trial(params, reporter)), "pruned": reporter.pruned}
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, retries=3,
@@ -126,6 +122,13 @@ def evaluate_model(params: Params) -> dict[str, Any]:
       retry_condition_fn=retry_unless_user_error)
 def register_model(params: Params) -> dict[str, Any]:
     return asdict(tracked(register_step.register)(params))
+
+
+@task(name="export", cache_policy=NO_CACHE, retries=3,
+      retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
+      retry_condition_fn=retry_unless_user_error)
+def export_model(params: Params) -> dict[str, Any]:
+    return asdict(tracked(export_step.export)(params))
 
 
 def prepared_data(params: Params) -> tuple[dict[str, Any], str]:
@@ -143,41 +146,44 @@ def prepared_data(params: Params) -> tuple[dict[str, Any], str]:
 
 
 @flow(name="training-pipeline", log_prints=True)
+@with_sections
 def training_pipeline(
     params_file: str = DEFAULT_PARAMS,
-    paths: PathsOverrides = PathsOverrides(),
-    data: DataOverrides = DataOverrides(),
-    augment: AugmentOverrides = AugmentOverrides(),
-    model: ModelOverrides = ModelOverrides(),
-    train: TrainOverrides = TrainOverrides(),
-    evaluate: EvaluateOverrides = EvaluateOverrides(),
-    register: RegisterOverrides = RegisterOverrides(),
+    overrides: list[str] = [],  # noqa: B006 (Prefect copies parameters)
     skip_register: bool = False,
     mlflow_parent_run: str | None = None,
+    trial: TrialRef | None = None,
+    **sections: Any,
 ) -> dict[str, Any]:
     """Prepare, augment, train, evaluate and register a CNN image classifier.
 
     Args:
         params_file: the settings file, relative to the project folder.
-        paths: where each step writes; empty fields keep the file's values.
-        data: the prepare step's settings (source, image size, splits).
-        augment: the augmentation policy.
-        model: which network, and where its starting weights come from.
-        train: the training loop (epochs, batch size, optimizer, learning rate, ...).
-        evaluate: the report on the test split.
-        register: the registered model's name and the champion gate.
+        overrides: `section.key=value` as on the command line (`model.checkpoint=null`).
         skip_register: train and evaluate only (a sweep's children).
         mlflow_parent_run: nest this run's MLflow run under that one (a sweep's).
+        trial: {study, number, storage}: this run is that trial of a search (flows/trial.py).
+        sections: one per params.yaml section (paths, data, augment, model, train, evaluate,
+            register, ...): its overrides; empty fields keep the file's values.
     """
-    params = resolve(params_file, paths=paths, data=data, augment=augment, model=model,
-                     train=train, evaluate=evaluate, register=register)
+    params = resolve(params_file, overrides, **sections)
+    if trial is not None:
+        trial = search_trial.parse_ref(trial)
+        search_trial.Reporter(params, trial)  # a trial that is not running stops here
     prepared, how = prepared_data(params)
     augment_policy(params)
-    trained = train_model(params)
+    trained = train_model(params, trial)
     run_tags.tag_run(params, run_tags.flow_run_tags(mlflow_parent_run))
-    evaluated = evaluate_model(params)
-    decision = None if skip_register else register_model(params)
-    summary = _summary(params, how, prepared, trained, evaluated, decision)
+    if trained.get("pruned"):
+        evaluated, decision, exported = {}, None, None
+    else:
+        evaluated = evaluate_model(params)
+        if trial is not None:
+            search_trial.mark_done(trial)
+        registering = not (skip_register or trial)
+        decision = register_model(params) if registering else None
+        exported = export_model(params) if registering else None
+    summary = _summary(params, how, prepared, trained, evaluated, decision) | {"onnx": exported}
     _publish(summary)
     return summary
 
@@ -193,6 +199,7 @@ def _summary(params, how, prepared, trained, evaluated, decision) -> dict[str, A
         "metrics": metrics,
         "registered": decision,
         "mlflow": run_tags.run_info(params),
+        "pruned": trained.get("pruned"),
     }
 
 
@@ -209,10 +216,17 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines += ["", f"prepare: {summary['prepare']}; resumed from epoch {summary['resumed_from']}",
               ""]
     decision = summary["registered"]
-    if decision is None:
+    if summary.get("pruned"):
+        lines.append(f"**Search:** {summary['pruned']}; not evaluated, not registered.")
+    elif decision is None:
         lines.append("**Registry:** skipped (`skip_register`).")
     else:
         lines.append("**Registry:** " + run_tags.describe_decision(decision))
+    onnx = summary.get("onnx")
+    if onnx:
+        lines += ["", f"**ONNX:** parity {'passed' if onnx['passed'] else '**FAILED**'} "
+                  f"(max |Δp| {onnx['max_abs_diff']:.2g}, top-1 agreement "
+                  f"{onnx['top1_agreement']:.4f} on {onnx['images']} test images)"]
     run = summary["mlflow"]
     if run and run["url"].startswith(("http://", "https://")):
         lines += ["", f"**MLflow run:** [{run['run_id']}]({run['url']})"]
@@ -223,26 +237,13 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default=DEFAULT_PARAMS, help="settings file (params.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one setting (validated like the file); repeatable")
-    parser.add_argument("--skip-register", action="store_true")
+    parser = cli.parser("python -m flows.pipeline", __doc__)
+    parser.add_argument("--skip-register", action="store_true", help="train and evaluate only")
     args = parser.parse_args(argv)
-    sections: dict[str, dict] = {}
-    for text in args.set:
-        key, _, value = text.partition("=")
-        section, _, name = key.partition(".")
-        if section not in SECTIONS or not name:
-            parser.error(f"--set {text!r}: expected section.key=value, sections: {SECTIONS}")
-        sections.setdefault(section, {})[name] = yaml.safe_load(value)
-    try:
-        summary = training_pipeline(args.params, skip_register=args.skip_register, **sections)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(summary, indent=2, default=str))
+    with cli.user_errors():
+        cli.load(args)  # refused here, before Prefect starts, with the steps' own message
+        summary = training_pipeline(args.params, args.overrides, skip_register=args.skip_register)
+    cli.show(summary)
 
 
 if __name__ == "__main__":

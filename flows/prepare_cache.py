@@ -2,8 +2,9 @@
 
 The key hashes the data settings (all but `root`, a path string), the content of every file under
 `data.root` (not sizes and times: a copy that keeps modification times still changes the key), the
-source code of the modules that prepare runs, and the versions of the libraries that decode and
-resize. The digits source is bundled with scikit-learn, so its files are not read.
+code of the prepare step (components/step_code.py: its imports, as DVC's deps), and the versions
+of the libraries that decode and resize. The digits source is bundled with scikit-learn, so its
+files are not read.
 
 A cached result is used only when the prepared folder is there with the manifest hashes recorded
 in the result; otherwise prepare runs again.
@@ -33,10 +34,10 @@ from typing import Any
 
 import yaml
 
-from components import images, prepare, prepared, sources
+from components import files, prepared
 from components.params import DEFAULT_PARAMS, Params, UserError, load_params
+from components.step_code import code_hashes
 
-CODE = (prepare, sources, images, prepared)
 LIBRARIES = ("numpy", "pillow", "scikit-learn", "torchvision")
 
 
@@ -45,7 +46,7 @@ def cache_key(params: Params) -> str:
     parts = {
         "data": data,
         "raw": None if params.data.source == "digits" else folder_hash(params.data.root),
-        "code": [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in CODE],
+        "code": code_hashes("components.prepare"),
         "libraries": {name: version(name) for name in LIBRARIES},
     }
     blob = json.dumps(parts, sort_keys=True).encode()
@@ -60,10 +61,10 @@ def folder_hash(root: str | Path) -> str | None:
     root = Path(root)
     if not root.exists():
         return None
-    files = sorted(_files(root)) if root.is_dir() else [root]
+    found = sorted(_files(root)) if root.is_dir() else [root]
     digest = hashlib.sha256()
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
-        for path, content in zip(files, pool.map(_file_digest, files), strict=True):
+        for path, content in zip(found, pool.map(_file_digest, found), strict=True):
             rel = path.relative_to(root).as_posix() if root.is_dir() else path.name
             digest.update(f"{rel}\0{content}\n".encode())
     return digest.hexdigest()
@@ -90,7 +91,7 @@ def still_valid(cached: dict[str, Any], params: Params) -> bool:
     """The cached result's output is in place: same manifest hashes, array files present."""
     root = Path(params.paths.prepared)
     try:
-        manifest = json.loads((root / prepared.MANIFEST).read_text())
+        manifest = json.loads((root / files.MANIFEST).read_text())
     except (OSError, ValueError):
         return False
     arrays = [f(root, s) for s in prepared.SPLITS for f in (prepared.x_path, prepared.y_path)]

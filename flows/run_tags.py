@@ -13,13 +13,14 @@ from typing import Any
 from mlflow import MlflowClient
 from prefect.runtime import deployment, flow_run
 
+from components import files
 from components.params import Params
-from components.tracking import RUN_FILE, shown
+from components.tracking import shown
 
 
 def run_info(params: Params) -> dict[str, str] | None:
     """run_id, experiment_id, tracking_uri (without credentials) and a link to the run."""
-    path = Path(params.paths.train) / RUN_FILE
+    path = Path(params.paths.train) / files.RUN
     if not path.is_file():
         return None
     run = json.loads(path.read_text())
@@ -44,7 +45,7 @@ def flow_run_tags(parent_run: str | None = None) -> dict[str, str]:
 
 
 def tag_run(params: Params, tags: dict[str, str]) -> None:
-    path = Path(params.paths.train) / RUN_FILE
+    path = Path(params.paths.train) / files.RUN
     if not tags or not path.is_file():
         return
     run = json.loads(path.read_text())

@@ -1,64 +1,88 @@
-"""Flow parameters: the params file plus typed overrides per section, validated like params.yaml.
+"""Flow parameters: the params file, typed overrides per section, and command-line style overrides.
 
-Each section of `components.params.Params` gets an overrides model with the same fields, types and
-ranges, every field optional (empty = keep the file's value). Prefect renders these models as a
-form in its UI and checks types and ranges before a run starts; `resolve` then merges the
-overrides into the file and validates the whole, exactly as `python -m components.<step> --set`
-does, so cross-field rules and error messages are the same as for params.yaml.
+Every settings section (`components.params.sections()`, one list) becomes a flow parameter of the
+same name through `with_sections`: an overrides model with the section's fields, types and
+ranges, every field optional (empty = keep the file's value). Prefect renders these as a form in
+its UI and checks types and ranges before a run starts. The `overrides` parameter takes
+`section.key=value` strings exactly as `--set` does on the command line: that is how a key is set
+back to null (`model.checkpoint=null`) or a whole mapping given as one value.
 
-An override cannot set a key back to null (null means "not overridden"); edit the file for that.
+`resolve` turns both into `section.key=value` strings and reads them with the file through the
+one parser (`components.params.load_params`), so the rules and the messages are those of
+`python -m components.<step> --set`.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, create_model, model_validator
 
 from components.credentials import no_secrets
-from components.params import DEFAULT_PARAMS, Params, load_params
+from components.params import DEFAULT_PARAMS, Params, load_params, sections
 
 
-def _overrides_model(section: type[BaseModel]) -> type[BaseModel]:
+def _overrides_model(name: str, section: type[BaseModel]) -> type[BaseModel]:
     fields = {}
-    for name, info in section.model_fields.items():
+    for key, info in section.model_fields.items():
         info = copy.copy(info)
         info.default = None
         info.description = info.description or "empty: the params file's value"
-        fields[name] = (Optional[info.annotation], info)  # noqa: UP045 (a runtime type)
+        fields[key] = (Optional[info.annotation], info)  # noqa: UP045 (a runtime type)
     return create_model(
         f"{section.__name__}Overrides",
         __config__=ConfigDict(extra="forbid", frozen=True),
-        __doc__=f"Overrides of params.yaml's `{section.__name__.lower()}` section.",
+        __doc__=f"Overrides of params.yaml's `{name}` section; empty fields keep the file's.",
         # A credential-like key is refused as such, before "unknown key" (components/params.py).
         __validators__={"no_secrets": model_validator(mode="before")(no_secrets)},
         **fields,
     )
 
 
-SECTIONS = tuple(Params.model_fields)
-PathsOverrides, DataOverrides, AugmentOverrides, ModelOverrides, TrainOverrides, \
-    EvaluateOverrides, RegisterOverrides = (
-        _overrides_model(Params.model_fields[name].annotation) for name in SECTIONS)
+OVERRIDES = {name: _overrides_model(name, model) for name, model in sections().items()}
+
+
+def with_sections(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn(..., **sections)` declared with one keyword parameter per settings section, typed by
+    its overrides model, after its own parameters: Prefect reads the declared signature for the
+    parameter form and validation, so a new section reaches every flow without an edit."""
+    signature = inspect.signature(fn, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=model(),
+                               annotation=model) for name, model in OVERRIDES.items()]
+    fn.__signature__ = signature.replace(parameters=[*own, *added])
+    return fn
+
+
+def given(**sections: BaseModel | dict | None) -> dict[str, dict[str, Any]]:
+    """The fields each section's overrides set (models or plain dicts), as plain dicts."""
+    out = {}
+    for section, values in sections.items():
+        if isinstance(values, BaseModel):
+            values = values.model_dump(mode="json", exclude_none=True)
+        out[section] = {k: v for k, v in (values or {}).items() if v is not None}
+    return out
 
 
 def override_list(**sections: BaseModel | dict | None) -> list[str]:
     """`section.key=value` strings (values as JSON, which YAML reads back) for set fields."""
-    out = []
-    for section, values in sections.items():
-        if values is None:
-            continue
-        if isinstance(values, BaseModel):
-            values = values.model_dump(mode="json", exclude_none=True)
-        for key, value in values.items():
-            if value is not None:
-                out.append(f"{section}.{key}={json.dumps(value)}")
-    return out
+    return [f"{section}.{key}={json.dumps(value)}"
+            for section, values in given(**sections).items() for key, value in values.items()]
 
 
-def resolve(params_file: str | Path = DEFAULT_PARAMS, **sections) -> Params:
-    """The validated settings: `params_file` with the sections' overrides applied."""
-    return load_params(params_file, override_list(**sections))
+def resolve(params_file: str | Path = DEFAULT_PARAMS, overrides: list[str] = (),
+            **sections: BaseModel | dict | None) -> Params:
+    """The validated settings: `params_file` with the sections' fields, then `overrides`."""
+    return load_params(params_file, [*override_list(**sections), *overrides])
+
+
+def from_parameters(parameters: dict[str, Any]) -> Params:
+    """The validated settings of a flow run's parameters (params_file, overrides, sections)."""
+    sections_given = {k: v for k, v in parameters.items() if k in Params.model_fields}
+    return resolve(parameters.get("params_file", DEFAULT_PARAMS),
+                   parameters.get("overrides", []), **sections_given)

@@ -1,4 +1,16 @@
-"""sweep: a learning rate × model grid, fanned out as child runs of a training deployment.
+"""sweep: a hyperparameter search over a training deployment's workers, or on this machine.
+
+search.method (params.yaml's `search` section) says which:
+- `optuna`: an Optuna study of `search.trials` trials sampled from `search.space`, `search.parallel`
+  at a time, pruned, resumable, registered once: flows/search.py. In this flow each trial is a
+  child run of `deployment`; `python -m flows.sweep` runs the same search here, each trial in a
+  process of its own (flows/launchers.py).
+- `grid` (below): the flow's `lrs` × `models` grid.
+
+    python -m flows.sweep --set search.method=optuna [--params params.yaml] [--set ...]
+    prefect deployment run 'sweep/digits' --params '{"search": {"method": "optuna"}}'
+
+The grid: a learning rate × model grid, fanned out as child runs of a training deployment.
 
 Each grid point is a run of `deployment` (default training-pipeline/digits) started with
 `run_deployment`, so the pool's workers share them out; each child writes under its own output
@@ -32,14 +44,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
-from components import tracking
-from components.params import DEFAULT_PARAMS, Params
-from flows.pipeline import prepared_data, register_model
+from components import cli, files, tracking
+from components.params import DEFAULT_PARAMS, Params, UserError
+from flows import search
+from flows.launchers import PrefectLauncher, ProcessLauncher
+from flows.pipeline import export_model, prepared_data, register_model
 from flows.run_tags import flow_run_tags
-from flows.settings import DataOverrides, RegisterOverrides, TrainOverrides, resolve
+from flows.settings import from_parameters, given, with_sections
 
 ARTIFACT_KEY = "sweep-comparison"
-STEP_FOLDERS = ("augment", "train", "evaluate", "register")
+STEP_FOLDERS = ("augment", "train", "evaluate", "register", "export")
 COLUMNS = ("point", "state", "model", "lr", "accuracy", "macro_f1", "loss", "epochs",
            "flow_run", "mlflow_run")
 
@@ -68,41 +82,42 @@ def _child_parameters(base: dict, model: str, lr: float, folder: str, parent: st
 
 
 def _as_params(parameters: dict) -> Params:
-    sections = {k: v for k, v in parameters.items() if k in Params.model_fields}
-    return resolve(parameters.get("params_file", DEFAULT_PARAMS), **sections)
+    return from_parameters(parameters)
 
 
 @flow(name="sweep", log_prints=True)
+@with_sections
 def sweep(
     deployment: str = "training-pipeline/digits",
     lrs: list[float] = [0.001, 0.003],  # noqa: B006 (Prefect copies parameters)
     models: list[str] = ["simple_cnn", "cifar_cnn"],  # noqa: B006
     params_file: str = DEFAULT_PARAMS,
-    data: DataOverrides = DataOverrides(),
-    train: TrainOverrides = TrainOverrides(),
-    register: RegisterOverrides = RegisterOverrides(),
+    overrides: list[str] = [],  # noqa: B006
     register_best: bool = True,
+    **sections: Any,
 ) -> dict[str, Any]:
-    """Train every (model, lr) pair as a child run of `deployment`; register only the best.
+    """A search (search.method optuna) or a grid (grid: every (model, lr) pair) of child runs
+    of `deployment`; only the best is registered.
 
     Args:
         deployment: the training deployment the children run (flow/deployment).
-        lrs: learning rates of the grid.
+        lrs: learning rates of the grid (search.method grid).
         models: model names of the grid (built-ins or timm names).
         params_file: the settings file the children read.
-        data: data overrides for every child (on top of the deployment's).
-        train: training overrides for every child (lr comes from the grid).
-        register: the registered model the best child goes to, and its gate.
+        overrides: `section.key=value` for every child, as on the command line.
         register_best: send the best child through the register gate.
+        sections: per params.yaml section, overrides for every child (on top of the
+            deployment's; model.name and train.lr come from the grid).
     """
     logger = get_run_logger()
-    base = _merge(_deployment_parameters(deployment), {
-        "params_file": params_file,
-        "data": data.model_dump(mode="json", exclude_none=True),
-        "train": train.model_dump(mode="json", exclude_none=True),
-        "register": register.model_dump(mode="json", exclude_none=True),
-    })
+    base = _merge(_deployment_parameters(deployment), {"params_file": params_file,
+                                                      **given(**sections)})
+    if overrides:
+        base["overrides"] = [*base.get("overrides", []), *overrides]
     params = _as_params(base)
+    if params.search.method == "optuna":
+        launcher = PrefectLauncher(deployment, base, str(flow_run.id), flow_run.name)
+        return search.run(params, launcher, register_best=register_best)
     prepared_data(params)
     client, parent = _parent_run(params)
     folder = f"outputs/sweep/{flow_run.name}"
@@ -187,8 +202,10 @@ def _metric(row: dict, metric: str) -> float | None:
 def _register(deployment: str, parameters: dict) -> dict[str, Any]:
     """The register gate for the best child: here when its files are here, else as a run."""
     params = _as_params(parameters)
-    if (Path(params.paths.evaluate) / "metrics.json").is_file():
-        return register_model(params)
+    if (Path(params.paths.evaluate) / files.METRICS).is_file():
+        decision = register_model(params)
+        export_model(params)  # as the training pipeline does after register
+        return decision
     rerun = run_deployment(deployment, parameters={**parameters, "skip_register": False},
                            flow_run_name=f"{flow_run.name}/register-best", tags=["sweep"])
     if rerun.state is None or not rerun.state.is_completed():
@@ -236,3 +253,22 @@ def _finish_parent(client, parent, rows, table, best, metric) -> None:
         client.log_metric(parent, f"best_{metric}", value)
     client.set_terminated(parent, "FINISHED" if best is not None else "FAILED")
 
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The search on this machine, each trial in a process of its own: what a laptop runs."""
+    args = cli.parser("python -m flows.sweep", __doc__).parse_args(argv)
+    with cli.user_errors():
+        params = cli.load(args)
+        if params.search.method != "optuna":
+            raise UserError(
+                "search.method is grid: the grid runs as the sweep flow over a Prefect pool "
+                "(prefect deployment run 'sweep/digits'); to search here, "
+                "--set search.method=optuna")
+        launcher = ProcessLauncher(args.params, args.overrides, params.search.parallel)
+        summary = search.run(params, launcher)
+    cli.show(summary)
+
+
+if __name__ == "__main__":
+    main()

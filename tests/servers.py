@@ -37,10 +37,11 @@ def answers(url: str) -> str | None:
 
 
 @contextmanager
-def _server(cmd: list[str], health: str, log: Path, env: dict, timeout: float) -> Iterator[None]:
+def _server(cmd: list[str], health: str, log: Path, env: dict, timeout: float,
+            cwd: Path | None = None) -> Iterator[None]:
     with open(log, "w") as out:
         # A process group of its own, so the server's workers are stopped with it.
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
@@ -134,3 +135,17 @@ def api_post(api: str, path: str, body: dict) -> list | dict:
                                      method="POST", headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as reply:
         return json.loads(reply.read())
+
+
+@contextmanager
+def model_server(model_uri: str, root: Path, env: dict, timeout: float = 300) -> Iterator[str]:
+    """`mlflow models serve` of `model_uri` (--env-manager local: this environment) on a free
+    loopback port, started in `root`; yields its address."""
+    root.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{free_port()}"
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1]]
+    # The scoring server's command is `uvicorn ...` through a shell: this environment first.
+    env = {**env, "PATH": f"{BIN}:{env.get('PATH', os.environ['PATH'])}"}
+    with _server(cmd, f"{url}/ping", root / "model-server.log", env, timeout, cwd=root):
+        yield url

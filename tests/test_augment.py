@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
+from components import files
 from components.augment import AugmentResult, augment, main, preview_size, resolve_policy
 from components.params import Augment, ParamsError, UserError, load_params, validate
 from components.prepare import prepare
@@ -297,7 +298,7 @@ def test_repository_defaults_are_basic_without_flip_or_mixing():
 
 def test_missing_policy_tells_the_user_to_run_the_augment_step(tmp_path):
     with pytest.raises(UserError, match="run the augment step"):
-        load_policy(tmp_path / "augment" / "policy.json")
+        load_policy(tmp_path / "augment" / files.POLICY)
 
 
 def test_stale_policy_is_refused(digits):

@@ -4,10 +4,11 @@ hangs ends both ranks with an error naming it, the last checkpoint intact, and t
 
 Data: scikit-learn's digits (8×8×1, 1295 training images) through the real prepare step, once.
 Every DDP run is the real entry point in a fresh process, as a user starts it, tracked in an
-SQLite MLflow store in the test's folder. The failing models are registered with timm here; the
-process that launches torchrun imports this module, so the workers import it too (components.ddp
-passes the module that registers a model on to them), and a model fails only on rank 1, only in
-epoch 2 (after 25 training steps of that rank: 21 per epoch), only when FAULT_ENV says how.
+SQLite MLflow store in the test's folder. The failing model is registered with timm in
+conftest.py; the process that launches torchrun imports that module, so the workers import it too
+(components.ddp passes the module that registers a model on to them), and the model fails only on
+rank 1, only in epoch 2 (after 25 training steps of that rank: 21 per epoch), only when FAULT_ENV
+says how.
 """
 
 from __future__ import annotations
@@ -16,54 +17,26 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow import MlflowClient
-from timm.models import register_model
 
 from components import checkpoint as ckpt
-from components.augment import augment
+from components import files
 from components.params import load_params
-from components.prepare import prepare
 from components.train import train
-from tests.test_train import _Tiny
+from tests.conftest import FAULT_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
-FAULT_ENV = "TEST_DDP_FAULT"  # error | oom | hang: what the fake model does on rank 1
 FAILING = ("train.devices=2", "model.name=fake_fails_on_rank_1")
 BOUND_S = 300  # a run that fails must have ended by then (it takes well under a minute)
 
 
-class _FailsOnRank1(_Tiny):
-    def forward(self, x):
-        out = super().forward(x)  # counts the training calls
-        fault = os.environ.get(FAULT_ENV)
-        if fault and os.environ.get("RANK") == "1" and self.calls > 25:
-            if fault == "oom":
-                raise torch.OutOfMemoryError("simulated: the batch does not fit")
-            if fault == "hang":
-                time.sleep(3600)
-            raise RuntimeError("injected failure on rank 1")
-        return out
-
-
-@register_model
-def fake_fails_on_rank_1(pretrained=False, **kwargs):
-    return _FailsOnRank1(**kwargs)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("digits")
-    path = root / "params.yaml"
-    path.write_text(f"paths:\n  prepared: {root / 'prepared'}\n  augment: {root / 'augment'}\n")
-    params = load_params(path, ["augment.preset=none"])
-    prepare(params)
-    augment(params)
-    return root
+@pytest.fixture(scope="session")
+def data(digits: Path) -> Path:
+    return digits
 
 
 def settings(folder: Path, data: Path, *overrides: str):
@@ -71,7 +44,7 @@ def settings(folder: Path, data: Path, *overrides: str):
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "params.yaml"
     path.write_text(
-        f"paths:\n  prepared: {data / 'prepared'}\n  augment: {data / 'augment'}\n"
+        f"paths:\n  prepared: {data / 'prepared'}\n  augment: {data / 'augment_none'}\n"
         f"  train: {folder / 'train'}\n"
         "augment:\n  preset: none\n"
         "train:\n  epochs: 2\n  batch_size: 64\n  warmup_epochs: 0\n  precision: fp32\n"
@@ -83,7 +56,7 @@ def run_cli(path: Path, *overrides: str, fault: str | None = None,
             timeout_s: int | None = None) -> subprocess.CompletedProcess:
     """`python -m components.train` as a user runs it, after importing this module (for its
     models); bounded: a hang fails the test instead of stalling it."""
-    start = "import tests.test_ddp; from components.train import main; main()"
+    start = "import tests.conftest; from components.train import main; main()"
     args = [sys.executable, "-c", start, "--params", str(path)]
     for item in overrides:
         args += ["--set", item]
@@ -145,6 +118,26 @@ def test_two_processes_train_like_one_with_the_same_global_batch(two_processes, 
             assert row_two[key] == pytest.approx(row_one[key], abs=0.01), key
 
 
+def test_the_balanced_sampler_and_class_weights_train_on_two_processes_like_one(data, tmp_path):
+    """Every rank draws the same balanced epoch and trains on its share of each global batch; the
+    class-weighted loss is normalised by the weights of the whole global batch (summed over the
+    ranks), so two processes compute one process's loss. Bounds as in the test above."""
+    imbalance = ("train.sampler=balanced", "train.class_weights={0: 3, 7: 0.5}")
+    _, path = settings(tmp_path / "two", data)
+    done = run_cli(path, "train.devices=2", *imbalance)
+    assert done.returncode == 0, done.stderr
+    two = json.loads(done.stdout)
+    params, _ = settings(tmp_path / "one", data, *imbalance)
+    one = train(params)
+    a, b = (ckpt.load(r)["state_dict"] for r in (one.model_path, two["model_path"]))
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-3), name
+    rows = [json.loads(Path(p).read_text()) for p in (one.history_path, two["history_path"])]
+    for row_one, row_two in zip(*rows, strict=True):
+        for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
+            assert row_two[key] == pytest.approx(row_one[key], abs=0.01), key
+
+
 def test_one_mlflow_run_and_one_checkpoint_set(two_processes):
     folder, result = two_processes
     (client, run), = runs(folder)
@@ -154,11 +147,12 @@ def test_one_mlflow_run_and_one_checkpoint_set(two_processes):
     assert run.data.metrics["val_loss"] == last_row["val_loss"]
     assert run.data.tags["train.device"] == "cpu"
     out = folder / "train"
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "best.pt", "best.pt.sha256", "last.pt", "last.pt.sha256"]
-    assert sorted(p.name for p in out.glob("*.pt*")) == ["model.pt", "model.pt.sha256"]
-    assert ckpt.load(out / "checkpoints" / "last.pt")["progress"]["epoch"] == 2
-    assert json.loads((out / "run.json").read_text())["run_id"] == run.info.run_id
+    assert sorted(p.name for p in (out / files.CHECKPOINTS).iterdir()) == [
+        files.BEST, files.BEST + files.HASH_SUFFIX, files.LAST, files.LAST + files.HASH_SUFFIX]
+    assert sorted(p.name for p in out.glob("*.pt*")) == [files.MODEL,
+                                                          files.MODEL + files.HASH_SUFFIX]
+    assert ckpt.load(out / files.CHECKPOINTS / files.LAST)["progress"]["epoch"] == 2
+    assert json.loads((out / files.RUN).read_text())["run_id"] == run.info.run_id
 
 
 @pytest.mark.slow
@@ -175,7 +169,7 @@ def test_a_failing_rank_ends_both_keeps_the_last_checkpoint_and_the_run_resumes(
     assert "failed on rank 1: " in error and said in error
     log = Path(error.split("Rank 1's log: ")[1].split()[0])
     assert log.is_file() and said.split(": ")[-1] in log.read_text()
-    last = tmp_path / "train" / "checkpoints" / "last.pt"
+    last = tmp_path / "train" / files.CHECKPOINTS / files.LAST
     assert str(last) in error
     assert ckpt.load(last)["progress"]["epoch"] == 1  # sha256 checked: whole, from epoch 1
 
@@ -194,4 +188,5 @@ def test_a_hung_rank_ends_the_run_after_the_collective_timeout(tmp_path, data):
     assert failed.returncode == 2, failed.stderr
     error = failed.stderr[failed.stderr.index("error: training on 2 processes failed"):]
     assert "failed on rank 0: " in error and "lost touch with another rank" in error
-    assert ckpt.load(tmp_path / "train" / "checkpoints" / "last.pt")["progress"]["epoch"] == 1
+    assert ckpt.load(tmp_path / "train" / files.CHECKPOINTS / files.LAST)["progress"]["epoch"] == 1
+

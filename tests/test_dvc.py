@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components import files
+
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", "data/raw/.gitkeep"]
 
@@ -49,7 +51,7 @@ def set_param(repo: Path, section: str, key: str, value) -> None:
 def test_prepare_stage_runs_once_then_again_when_data_settings_change(repo):
     out = run(["dvc", "repro", "prepare"], repo)
     assert "Running stage 'prepare'" in out
-    manifest = repo / "data/prepared/manifest.json"
+    manifest = repo / "data/prepared" / files.MANIFEST
     first = json.loads(manifest.read_text())
     assert first["source"] == "digits" and sum(first["num"].values()) == 1797
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -84,7 +86,7 @@ def test_prepare_stage_reruns_when_the_image_folder_changes(repo):
 
     Image.new("RGB", (30, 30), (0, 0, 250)).save(folder / "blue" / "new.png")
     assert "Running stage 'prepare'" in run(["dvc", "repro", "prepare"], repo)
-    manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
+    manifest = json.loads((repo / "data/prepared" / files.MANIFEST).read_text())
     assert manifest["files"]["prepared"] == 11
 
 
@@ -92,20 +94,74 @@ def test_whole_pipeline_runs_once_and_an_experiment_reruns_only_what_changed(rep
     set_param(repo, "train", "epochs", 1)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "one epoch"], repo)
     out = run(["dvc", "repro"], repo)
-    for stage in ("prepare", "augment", "train", "evaluate", "register"):
+    for stage in ("prepare", "augment", "train", "evaluate", "register", "export"):
         assert f"Running stage '{stage}'" in out
-    metrics = json.loads((repo / "outputs/evaluate/metrics.json").read_text())
+    metrics = json.loads((repo / "outputs/evaluate" / files.METRICS).read_text())
     assert 0.0 < metrics["accuracy"] <= 1.0
-    decision = json.loads((repo / "outputs/register/decision.json").read_text())
+    decision = json.loads((repo / "outputs/register" / files.DECISION).read_text())
     assert decision["version"]
+    exported = json.loads((repo / "outputs/export" / files.EXPORT).read_text())
+    assert exported["version"] == decision["version"] and exported["passed"]
 
     assert "Running stage" not in run(["dvc", "repro"], repo)
 
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "dvc.lock"], repo)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], repo)
     out = run(["dvc", "exp", "run", "--set-param", "train.lr=0.001"], repo)
-    ran = {s for s in ("prepare", "augment", "train", "evaluate", "register")
+    ran = {s for s in ("prepare", "augment", "train", "evaluate", "register", "export")
            if f"Running stage '{s}'" in out}
-    assert ran == {"train", "evaluate", "register"}
+    assert ran == {"train", "evaluate", "register", "export"}
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo))
     assert shown  # the experiment is listed with its params and metrics
+
+
+def repro(repo: Path, *args: str) -> str:
+    """`dvc repro` with its stdout and stderr together (the steps' messages are on stderr)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}
+    done = subprocess.run(["dvc", "repro", *args], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, f"dvc repro {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def registry_state(repo: Path) -> tuple[str, list[str], str]:
+    """(the pipeline's MLflow run, the model's versions, the challenger alias) in the project's
+    embedded store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    run_id = json.loads((repo / "outputs/train" / files.RUN).read_text())["run_id"]
+    versions = sorted(v.version for v in client.search_model_versions(
+        "name = 'digits-classifier'"))
+    challenger = client.get_model_version_by_alias("digits-classifier", "challenger").version
+    return run_id, versions, challenger
+
+
+def test_a_finished_run_forced_again_is_reused_and_a_code_edit_retrains_saying_why(repo):
+    set_param(repo, "train", "epochs", 2)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "two epochs"], repo)
+    repro(repo)
+    metrics = (repo / "outputs/evaluate" / files.METRICS).read_text()
+    state = registry_state(repo)
+    assert state[1] == [state[2]]  # one version, the challenger
+
+    for _ in range(2):  # what a user doubting the cache runs, as often as they like
+        out = repro(repo, "--force")
+        assert "after epoch 2: finished: nothing to train" in out
+        assert (repo / "outputs/evaluate" / files.METRICS).read_text() == metrics
+        assert registry_state(repo) == state  # no new run, no new version, challenger stays
+    from mlflow import MlflowClient
+
+    record = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_run(state[0])
+    assert record.data.metrics["train.seconds"] > 0  # the run's record of its training stands
+
+    recipe = repo / "components/recipe.py"
+    recipe.write_text(recipe.read_text() + "# a one-line edit\n")
+    out = repro(repo)
+    assert "Running stage 'train'" in out
+    assert "changed: code.components/recipe.py); starting fresh" in out
+    rows = json.loads((repo / "outputs/train" / files.HISTORY).read_text())
+    assert [r["epoch"] for r in rows] == [1, 2]  # trained again from epoch 1
+    run_id, versions, _ = registry_state(repo)
+    assert run_id != state[0] and len(versions) == 2  # a new model: a new run and version

@@ -7,93 +7,24 @@ steps), so these runs use the committed copy of the code, not this checkout.
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import psutil
 import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.servers import api_post, mlflow_server, prefect_server, prefect_worker
+from components import files
+from tests.projects import CLONE, Stack, git
+from tests.servers import api_post
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SKIP = ("tests/", "bench/", "infra/", ".ci/")
-CLONE = Path(".stack/workspace/cnn-pipeline")  # prefect.yaml: working_dir / clone name
-
-
-@dataclass
-class Stack:
-    root: Path
-    repo: Path  # the project as committed: what `prefect deploy` ran in
-    workers: Path  # where workers start; their clone is workers / CLONE
-    env: dict
-    mlflow: str
-
-    def prefect(self, *args: str, timeout: float = 600) -> str:
-        done = subprocess.run([str(BIN / "prefect"), *args], cwd=self.repo, env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
-        assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
-        return done.stdout
-
-    def run_deployment(self, name: str, params: dict, watch: bool = True) -> str:
-        """The flow run's id; with `watch`, after it ended Completed."""
-        args = ["deployment", "run", name, "--params", json.dumps(params)]
-        out = self.prefect(*args, *(["--watch"] if watch else []))
-        if watch:
-            assert "Completed" in out, out[-3000:]
-        return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
-
-    def worker(self, name: str, limit: int | None = None):
-        return prefect_worker("local", self.workers, self.env, name, limit=limit)
-
-
-def _project_files() -> list[str]:
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    return [f for f in listed if not f.startswith(SKIP) and (ROOT / f).is_file()]
-
-
-def committed_copy(repo: Path) -> Path:
-    """The project's tracked files in a new git repository at `repo`, committed: what a
-    worker's pull step clones."""
-    for name in _project_files():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, repo / name)
-    _git(repo, "init", "-q")
-    _git(repo, "add", ".")
-    _git(repo, "commit", "-qm", "project")
-    return repo
-
-
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo,
-                   check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stack")
-    repo, workers = committed_copy(root / "repo"), root / "workers"
-    (workers / ".stack/workspace").mkdir(parents=True)
-    with prefect_server(root / "prefect") as api, mlflow_server(root / "mlflow") as mlflow:
-        env = {**os.environ, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow,
-               "PREFECT_HOME": str(root / "home"), "DVC_NO_ANALYTICS": "1",
-               "PATH": f"{BIN}:{os.environ['PATH']}"}
-        s = Stack(root, repo, workers, env, mlflow)
-        for pool in ("local", "gpu"):
-            s.prefect("work-pool", "create", pool, "--type", "process")
-        s.prefect("--no-prompt", "deploy", "--all")
-        yield s
+# The stack (servers, pools, deployments) is conftest.py's, shared with other end-to-end tests.
 
 
 def _artifact(stack: Stack, flow_run_id: str, key: str) -> str:
@@ -119,7 +50,7 @@ def test_deployment_run_on_a_worker_tracks_and_registers(stack):
     assert run.data.params["train.epochs"] == "1" and 0.1 < run.data.metrics["accuracy"] <= 1
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1]
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
-    assert {"evaluate/metrics.json", "evaluate/confusion.png"} <= logged
+    assert {f"evaluate/{files.METRICS}", f"evaluate/{files.CONFUSION_PNG}"} <= logged
     summary = _artifact(stack, flow_run, "training-summary")
     assert run.info.run_id in summary and "champion" in summary
 
@@ -128,7 +59,7 @@ def test_killed_worker_rerun_resumes_training_and_registers_once(stack):
     folder = "outputs/killed"
     params = {"paths": {s: f"{folder}/{s}" for s in ("augment", "train", "evaluate", "register")},
               "train": {"epochs": 40}, "register": {"model_name": "killed-classifier"}}
-    history = stack.workers / CLONE / folder / "train/history.json"
+    history = stack.workers / CLONE / folder / "train" / files.HISTORY
     with stack.worker("w2") as worker:
         stack.run_deployment("training-pipeline/digits", params, watch=False)
         deadline = time.monotonic() + 600
@@ -166,10 +97,15 @@ def _kill_tree(pid: int) -> None:
 
 
 def test_sweep_fans_out_over_two_workers_and_promotes_at_most_once(stack):
-    stack.prefect("concurrency-limit", "create", "train", "1")  # one GPU's worth of training
+    # One GPU's worth of training, on the server that every stack test shares: removed after,
+    # or later tests' trainings would wait for each other.
+    stack.prefect("concurrency-limit", "create", "train", "1")
     params = {"train": {"epochs": 1}, "register": {"model_name": "sweep-classifier"}}
-    with stack.worker("s1", limit=2), stack.worker("s2", limit=2):
-        sweep = stack.run_deployment("sweep/digits", params)
+    try:
+        with stack.worker("s1", limit=2), stack.worker("s2", limit=2):
+            sweep = stack.run_deployment("sweep/digits", params)
+    finally:
+        stack.prefect("concurrency-limit", "delete", "train")
     table = _artifact(stack, sweep, "sweep-comparison")
     rows = [line for line in table.splitlines() if line.startswith("| ") and "-lr" in line]
     assert len(rows) == 4 and sum("**best**" in r for r in rows) == 1
@@ -206,17 +142,17 @@ def test_flow_and_dvc_repro_give_the_same_metrics(stack, tmp_path):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["epochs"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _git(repo, "init", "-q")
-    _git(repo, "add", ".")
-    _git(repo, "commit", "-qm", "project")
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "project")
     env = {k: v for k, v in stack.env.items() if k != "MLFLOW_TRACKING_URI"}  # embedded store
     subprocess.run(["dvc", "repro"], cwd=repo, env=env, check=True, capture_output=True,
                    timeout=600)
-    by_dvc = json.loads((repo / "outputs/evaluate/metrics.json").read_text())
+    by_dvc = json.loads((repo / "outputs/evaluate" / files.METRICS).read_text())
 
     moved = [f"--set=paths.{s}=flow/{s}" for s in
              ("prepared", "augment", "train", "evaluate", "register")]
     subprocess.run([sys.executable, "-m", "flows.pipeline", *moved], cwd=repo, env=env,
                    check=True, capture_output=True, timeout=600)
-    by_flow = json.loads((repo / "flow/evaluate/metrics.json").read_text())
+    by_flow = json.loads((repo / "flow/evaluate" / files.METRICS).read_text())
     assert by_flow == by_dvc

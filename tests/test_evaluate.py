@@ -24,16 +24,14 @@ import yaml
 from PIL import Image
 from timm.models import register_model
 
-from components import checkpoint
+from components import checkpoint, files
 from components.evaluate import _calibration, evaluate, main
 from components.models import create_model
 from components.params import ParamsError, UserError, load_params, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = 8.0
-FILES = {"metrics.json", "classification_report.json", "classification_report.txt",
-         "predictions.csv", "confusion.csv", "confusion.png", "confusion_normalized.png",
-         "calibration.csv", "calibration.png", "mistakes.png", "curves.png"}
+FILES = set(files.EVALUATE)
 
 
 class Readout(torch.nn.Module):
@@ -68,7 +66,7 @@ def write_prepared(root: Path, x: np.ndarray, y: np.ndarray, n_classes: int) -> 
     manifest = {"classes": [{"index": i, "name": n} for i, n in enumerate(names)],
                 "image_size": list(x.shape[1:3]), "channels": c, "mean": [0.0] * c,
                 "std": [1.0] * c, "resize": "crop", "source": "test"}
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / files.MANIFEST).write_text(json.dumps(manifest))
     return names
 
 
@@ -102,10 +100,10 @@ def make_case(tmp_path: Path, n: int = 97, n_classes: int = 6, mode: str = "rows
     with torch.no_grad():
         model.scale.fill_(SCALE)
     (tmp_path / "train").mkdir()
-    manifest = json.loads((tmp_path / "prepared/manifest.json").read_text())
-    write_model(tmp_path / "train/model.pt", model, "readout",
+    manifest = json.loads((tmp_path / "prepared" / files.MANIFEST).read_text())
+    write_model(tmp_path / "train" / files.MODEL, model, "readout",
                 {"num_classes": n_classes, "in_chans": 1, "img_size": 8, "mode": mode}, manifest)
-    write_history(tmp_path / "train/history.json")
+    write_history(tmp_path / "train" / files.HISTORY)
     return params_for(tmp_path, **evaluate_settings), x, y, names
 
 
@@ -141,7 +139,7 @@ def test_metrics_match_an_independent_computation(tmp_path):
     params, x, y, names = make_case(tmp_path)
     result = evaluate(params)
     out = tmp_path / "evaluate"
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / files.METRICS).read_text())
 
     p = expected_probs(x, len(names), "rows", tta=False)
     pred, conf = p.argmax(1), p.max(1)
@@ -171,17 +169,17 @@ def test_metrics_match_an_independent_computation(tmp_path):
                                                - conf[inside].mean())
     assert metrics["ece"] == pytest.approx(ece, abs=1e-6) and result.ece == metrics["ece"]
 
-    rows = read_csv(out / "predictions.csv")
+    rows = read_csv(out / files.PREDICTIONS)
     assert [int(r["index"]) for r in rows] == list(range(len(y)))
     assert [r["true"] for r in rows] == [names[i] for i in y]
     assert [r["predicted"] for r in rows] == [names[i] for i in pred]
     assert np.allclose([float(r["confidence"]) for r in rows], conf, atol=1e-6)
-    confusion = read_csv(out / "confusion.csv")
+    confusion = read_csv(out / files.CONFUSION_CSV)
     assert [(r["actual"], r["predicted"]) for r in confusion] == [
         (names[t], names[q]) for t, q in zip(y, pred, strict=True)]
-    calibration = read_csv(out / "calibration.csv")
+    calibration = read_csv(out / files.CALIBRATION_CSV)
     assert sum(int(r["count"]) for r in calibration) == len(y)
-    report = json.loads((out / "classification_report.json").read_text())
+    report = json.loads((out / files.REPORT_JSON).read_text())
     assert report[names[0]]["support"] == support[0]
 
 
@@ -200,9 +198,9 @@ def test_ece_on_a_hand_made_case():
 def test_top5_only_with_five_classes_or_more(tmp_path):
     params, *_ = make_case(tmp_path, n=30, n_classes=3)
     result = evaluate(params)
-    metrics = json.loads((tmp_path / "evaluate/metrics.json").read_text())
+    metrics = json.loads((tmp_path / "evaluate" / files.METRICS).read_text())
     assert "top5" not in metrics and result.top5 is None
-    assert "top-5" not in (tmp_path / "evaluate/classification_report.txt").read_text()
+    assert "top-5" not in (tmp_path / "evaluate" / files.REPORT_TXT).read_text()
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -235,7 +233,7 @@ def test_every_file_is_written_and_logged_and_pictures_are_valid(tmp_path):
             with Image.open(out / name) as img:
                 img.verify()
                 assert img.format == "PNG" and min(img.size) >= 100
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / files.METRICS).read_text())
     assert tracker.metrics["accuracy"] == metrics["accuracy"]
     assert tracker.metrics["class_recall.class A"] == metrics["class_recall"]["class A"]
     assert all(isinstance(v, float) for v in tracker.metrics.values())
@@ -246,7 +244,7 @@ def test_every_file_is_written_and_logged_and_pictures_are_valid(tmp_path):
 
 def test_no_gallery_and_no_history_still_give_every_picture(tmp_path):
     params, *_ = make_case(tmp_path, mistakes=0)
-    (tmp_path / "train/history.json").unlink()
+    (tmp_path / "train" / files.HISTORY).unlink()
     evaluate(params)
     assert {p.name for p in (tmp_path / "evaluate").iterdir()} == FILES
 
@@ -257,9 +255,9 @@ def test_no_gallery_and_no_history_still_give_every_picture(tmp_path):
 def test_tta_flip_changes_nothing_for_a_flip_invariant_model(tmp_path):
     params, *_ = make_case(tmp_path, mode="rows")
     plain = evaluate(params)
-    before = read_csv(tmp_path / "evaluate/predictions.csv")
+    before = read_csv(tmp_path / "evaluate" / files.PREDICTIONS)
     flipped = evaluate(params_for(tmp_path, tta_flip=True))
-    after = read_csv(tmp_path / "evaluate/predictions.csv")
+    after = read_csv(tmp_path / "evaluate" / files.PREDICTIONS)
     assert [r["predicted"] for r in after] == [r["predicted"] for r in before]
     assert np.allclose([float(r["confidence"]) for r in after],
                        [float(r["confidence"]) for r in before], atol=1e-6)
@@ -271,7 +269,7 @@ def test_tta_flip_averages_with_the_mirror_image(tmp_path):
     params, x, _, names = make_case(tmp_path, mode="first_column", tta_flip=True)
     evaluate(params)
     p = expected_probs(x, len(names), "first_column", tta=True)
-    rows = read_csv(tmp_path / "evaluate/predictions.csv")
+    rows = read_csv(tmp_path / "evaluate" / files.PREDICTIONS)
     assert [r["predicted"] for r in rows] == [names[i] for i in p.argmax(1)]
     assert np.allclose([float(r["confidence"]) for r in rows], p.max(1), atol=1e-6)
     # and differs from the unflipped answer, so the check above can tell them apart
@@ -294,8 +292,8 @@ def test_missing_model_and_empty_test_split_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="no test images"):
         evaluate(params)
     make_case(tmp_path / "again")
-    (tmp_path / "again/train/model.pt").unlink()
-    with pytest.raises(UserError, match="model.pt does not exist"):
+    (tmp_path / "again/train" / files.MODEL).unlink()
+    with pytest.raises(UserError, match=f"{files.MODEL} does not exist"):
         evaluate(params_for(tmp_path / "again"))
 
 
@@ -313,13 +311,13 @@ def write_simple_cnn_case(tmp_path: Path) -> Path:
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, size=(40, 8, 8, 1), dtype=np.uint8)
     write_prepared(tmp_path / "prepared", x, rng.integers(0, 10, 40), 10)
-    manifest = json.loads((tmp_path / "prepared/manifest.json").read_text())
+    manifest = json.loads((tmp_path / "prepared" / files.MANIFEST).read_text())
     kwargs = {"num_classes": 10, "in_chans": 1, "img_size": 8}
     torch.manual_seed(0)
     (tmp_path / "train").mkdir()
-    write_model(tmp_path / "train/model.pt", create_model("simple_cnn", **kwargs), "simple_cnn",
-                kwargs, manifest)
-    write_history(tmp_path / "train/history.json")
+    write_model(tmp_path / "train" / files.MODEL, create_model("simple_cnn", **kwargs),
+                "simple_cnn", kwargs, manifest)
+    write_history(tmp_path / "train" / files.HISTORY)
     params = params_for(tmp_path).model_dump(mode="json")
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -370,18 +368,18 @@ def test_dvc_repro_gives_metrics_and_plots(tmp_path):
 
     assert "Running stage 'evaluate'" in dvc(["dvc", "repro", "evaluate"], repo)
     shown = json.loads(dvc(["dvc", "metrics", "show", "--json"], repo))
-    metrics = shown[""]["data"]["outputs/evaluate/metrics.json"]["data"]
+    metrics = shown[""]["data"][f"outputs/evaluate/{files.METRICS}"]["data"]
     assert metrics["n_test"] == 359 and 0.0 <= metrics["accuracy"] <= 1.0
     assert set(metrics["class_recall"]) == {str(d) for d in range(10)}
     assert "class_recall.9" in dvc(["dvc", "metrics", "show"], repo)  # the table flattens it
 
     plots = json.loads(dvc(["dvc", "plots", "show", "--json"], repo))["data"]
-    [confusion] = plots["outputs/evaluate/confusion.csv"]
+    [confusion] = plots[f"outputs/evaluate/{files.CONFUSION_CSV}"]
     assert confusion["type"] == "vega"
     assert len(confusion["content"]["data"]["values"]) == 359  # one row per test image, counted
-    assert plots["outputs/evaluate/calibration.csv"][0]["type"] == "vega"
-    for name in ["confusion", "confusion_normalized", "calibration", "mistakes", "curves"]:
-        assert plots[f"outputs/evaluate/{name}.png"][0]["type"] == "image"
+    assert plots[f"outputs/evaluate/{files.CALIBRATION_CSV}"][0]["type"] == "vega"
+    for name in [n for n in files.EVALUATE if n.endswith(".png")]:
+        assert plots[f"outputs/evaluate/{name}"][0]["type"] == "image"
     dvc(["dvc", "plots", "show"], repo)
     html = (repo / "dvc_plots/index.html").read_text()
     assert "vega" in html and html.count("<img") == 5

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 from PIL import Image
 from prefect import flow
 from prefect.exceptions import ParameterTypeError
@@ -19,12 +20,14 @@ from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, tempor
 from prefect.utilities.callables import parameter_schema
 from pydantic import ValidationError
 
-from components.params import ParamsError
+from components import files
+from components.drift import DriftError
+from components.params import ParamsError, sections
 from components.prepared import load_split
 from flows import prepare_cache
 from flows.pipeline import ARTIFACT_KEY, prepared_data, training_pipeline
 from flows.predict import batch_predict
-from flows.settings import TrainOverrides, resolve
+from flows.settings import OVERRIDES, resolve
 from tests.servers import api_post, prefect_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +59,7 @@ def project(tmp_path, monkeypatch, prefect_api):
 def test_parameters_are_a_form_of_every_section():
     schema = parameter_schema(training_pipeline).model_dump()
     props, defs = schema["properties"], schema["definitions"]
-    for section in ("paths", "data", "augment", "model", "train", "evaluate", "register"):
+    for section in sections():
         ref = props[section]["allOf"][0]["$ref"] if "allOf" in props[section] else \
             props[section]["$ref"]
         model = defs[ref.rsplit("/", 1)[-1]]
@@ -70,6 +73,7 @@ def test_parameters_are_a_form_of_every_section():
 
 
 def test_overrides_are_checked_like_params_yaml(tmp_path):
+    TrainOverrides = OVERRIDES["train"]
     with pytest.raises(ValidationError, match="epochs"):
         TrainOverrides(epochs=0)
     with pytest.raises(ValidationError, match="epoch"):
@@ -93,7 +97,7 @@ def test_bad_override_fails_the_flow_naming_the_key(project):
 def test_flow_runs_on_digits_and_returns_its_summary(project):
     summary = training_pipeline(train={"epochs": 1}, evaluate={"mistakes": 4})
     assert summary["prepare"] == "ran" and summary["epochs"] == 1
-    metrics = json.loads((project / "outputs/evaluate/metrics.json").read_text())
+    metrics = json.loads((project / "outputs/evaluate" / files.METRICS).read_text())
     assert summary["metrics"]["accuracy"] == metrics["accuracy"] > 0.1  # ten classes: chance 0.1
     decision = summary["registered"]
     assert decision["version"] == "1" and decision["promoted"]
@@ -102,6 +106,8 @@ def test_flow_runs_on_digits_and_returns_its_summary(project):
                         {"artifacts": {"key": {"any_": [ARTIFACT_KEY]}}, "sort": "CREATED_DESC"})
     table = artifact[0]["data"]
     assert "| accuracy |" in table and "champion" in table and summary["mlflow"]["run_id"] in table
+    assert summary["onnx"]["passed"] and summary["onnx"]["version"] == "1"  # the export task
+    assert "**ONNX:** parity passed" in table
 
     # The champion it registered scores a folder through batch-predict, as evaluate scored it.
     test = load_split("data/prepared", "test")
@@ -112,10 +118,33 @@ def test_flow_runs_on_digits_and_returns_its_summary(project):
     assert scored["scored"] == 6 and scored["quarantined"] == 0
     with open(scored["predictions"], newline="") as f:
         predicted = {row["path"]: row["class"] for row in csv.DictReader(f)}
-    with open(project / "outputs/evaluate/predictions.csv", newline="") as f:
+    with open(project / "outputs/evaluate" / files.PREDICTIONS, newline="") as f:
         expected = {f"{row['index']}.png": row["predicted"] for row in csv.DictReader(f)
                     if int(row["index"]) < 6}
     assert predicted == expected
+    # Its drift figures: drift.json beside the predictions, the flow's artifact, an MLflow run.
+    report = json.loads(Path(scored["drift"]).read_text())
+    assert Path(scored["drift"]).parent == Path(scored["predictions"]).parent
+    assert report["images"] == 6 and scored["drifted"] == report["drift"]
+    artifact = api_post(PREFECT_API_URL.value(), "/artifacts/filter",
+                        {"artifacts": {"key": {"any_": ["batch-predictions"]}},
+                         "sort": "CREATED_DESC"})
+    table = artifact[0]["data"]
+    assert "### Drift: " in table and "| confidence_drop | " in table
+    assert "`predict.drift_channel_mean`" in table
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")  # the embedded default store
+    batch, = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                "tags.`pipeline.kind` = 'batch-predict'")
+    assert batch.data.metrics["drift.images"] == 6 and batch.data.tags["batch.folder"] == "inbox"
+    # fail_on_drift fails the flow run after the artifact and the files (a threshold of 0: any
+    # difference from training's pixel mean is drift).
+    with pytest.raises(DriftError, match="channel_mean"):
+        batch_predict(folder="inbox", predict={"fail_on_drift": True, "drift_channel_mean": 0.0})
+    assert json.loads(Path(scored["drift"]).read_text())["figures"]["channel_mean"]["drift"]
+    table = api_post(PREFECT_API_URL.value(), "/artifacts/filter",
+                     {"artifacts": {"key": {"any_": ["batch-predictions"]}},
+                      "sort": "CREATED_DESC"})[0]["data"]
+    assert "### Drift: **drift**" in table and "warning: drift: channel_mean" in table
 
 
 @flow
@@ -147,7 +176,7 @@ def test_prepare_is_cached_on_content_and_runs_again_when_an_image_changes(proje
     # A cached result counts only while the prepared data it describes is there.
     shutil.rmtree(project / "data/prepared")
     assert prepare_only(data=data) == "ran"
-    assert (project / "data/prepared/manifest.json").is_file()
+    assert (project / "data/prepared" / files.MANIFEST).is_file()
 
 
 def test_cache_key_follows_content_not_paths(tmp_path):
@@ -208,8 +237,8 @@ def test_prepared_data_travels_through_the_dvc_remote(project, tmp_path_factory,
     monkeypatch.chdir(host_b)
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(host_b / "prefect-storage")}):
         assert prepare_only() == "pulled"
-    made = json.loads((project / "data/prepared/manifest.json").read_text())["hashes"]
-    assert json.loads((host_b / "data/prepared/manifest.json").read_text())["hashes"] == made
+    made = json.loads((project / "data/prepared" / files.MANIFEST).read_text())["hashes"]
+    assert json.loads((host_b / "data/prepared" / files.MANIFEST).read_text())["hashes"] == made
 
 
 def test_sweep_children_keep_the_deployment_settings_in_their_own_folders():

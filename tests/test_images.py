@@ -271,3 +271,25 @@ def test_too_small_on_either_side(tmp_path, size):
 def test_min_side_is_inclusive(tmp_path):
     path = write_image(tmp_path / "a.png", noise(8, 8, seed=8))
     assert decode(path, 16, 3, "crop", 8).shape == (16, 16, 3)
+
+
+# --- bytes, as a request to the served model carries them -------------------------------------
+
+
+def test_bytes_decode_as_their_file_does(tmp_path):
+    path = write_image(tmp_path / "a.png", noise(30, 20, seed=9))
+    for resize in ("crop", "pad", "stretch"):
+        assert np.array_equal(decode(path.read_bytes(), 16, 3, resize, 8),
+                              decode(path, 16, 3, resize, 8))
+    with pytest.raises(BadImage, match="empty"):
+        decode(b"", 16, 3, "crop", 8)
+    with pytest.raises(BadImage, match="decompression_bomb"):
+        decode(png_bilevel(9500, 9500), 16, 3, "crop", 8)
+
+
+def test_formats_limit_what_is_opened(tmp_path):
+    gif = write_image(tmp_path / "a.gif", noise(20, 20, seed=10)).read_bytes()
+    with pytest.raises(BadImage) as info:
+        decode(gif, 16, 3, "crop", 8, formats=("PNG", "JPEG"))
+    assert info.value.reason == "not_an_image" and info.value.detail == "not a PNG, JPEG image"
+    assert decode(gif, 16, 3, "crop", 8).shape == (16, 16, 3)  # without the limit: any format

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.cli import run_step
 from components.params import (
     Params,
     ParamsError,
     UserError,
     flatten,
     load_params,
-    run_step,
+    sections,
 )
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -92,6 +93,22 @@ BAD = {
     "section is not a mapping": (
         "train: 5\n", [],
         ["train", "5", "dictionary"],
+    ),
+    "negative drift threshold": (
+        "predict:\n  drift_channel_mean: -0.5\n", [],
+        ["predict.drift_channel_mean", "-0.5", "greater than or equal to 0"],
+    ),
+    "drift threshold not a number": (
+        "", ["predict.drift_confidence_drop=.nan"],
+        ["predict.drift_confidence_drop", "NaN", "finite number"],
+    ),
+    "class weight of a class not a number": (
+        "train:\n  class_weights: {3: lots}\n", [],
+        ["train.class_weights.3", '"lots"', "number", "'none' or 'balanced'"],
+    ),
+    "balanced twice": (
+        "train:\n  class_weights: balanced\n  sampler: balanced\n", [],
+        ["train.class_weights: none", "train.sampler: none", "both balanced"],
     ),
     "bad name pattern": (
         "register:\n  model_name: 'my model!'\n", [],
@@ -272,3 +289,73 @@ def test_cli_exits_2_with_error_and_no_traceback(tmp_path, args, names):
     assert "Traceback" not in proc.stderr
     assert_names(proc.stderr, *names)
     assert not (tmp_path / "data").exists()  # failed before any work
+
+
+# --- one command line: the same parser and messages in every entry point -----------------------
+
+
+def _entry_points():
+    from components import augment, evaluate, predict, prepare, register, train
+    from flows import pipeline
+
+    steps = [m.main for m in (prepare, augment, train, evaluate, register)]
+    return [*steps, lambda argv: predict.main([*argv, "--folder", "x"]), pipeline.main]
+
+
+@pytest.mark.parametrize("override", ["train.optimizer=adam", "train.epochs", "trian.epochs=3",
+                                      "train.lr='{a.b: [1'"])
+def test_every_entry_point_refuses_an_override_with_the_same_message(tmp_path, capsys,
+                                                                     override):
+    path = write(tmp_path, "")
+    messages = set()
+    for main in _entry_points():
+        with pytest.raises(SystemExit) as info:
+            main(["--params", str(path), "--set", override])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+        messages.add(err)
+    assert len(messages) == 1, messages
+
+
+def test_null_and_whole_values_mean_the_same_on_the_command_line_and_in_a_flow(tmp_path):
+    from flows.settings import resolve
+
+    path = write(tmp_path, "model:\n  checkpoint: old/weights.pt\ndata:\n  image_size: 16\n")
+    given = ["model.checkpoint=null", "data.image_size=null",
+             "augment.resized_crop_scale=[0.5, 0.9]"]
+    by_cli = load_params(path, given)
+    assert by_cli.model.checkpoint is None and by_cli.data.image_size is None
+    assert by_cli.augment.resized_crop_scale == (0.5, 0.9)
+    assert resolve(path, given) == by_cli
+    # A mapping is one value: its own keys keep their dots.
+    with pytest.raises(ParamsError, match=r"train.lr = \{\"a.b\": 1\}"):
+        load_params(path, ["train.lr={a.b: 1}"])
+
+
+def test_the_flows_take_one_parameter_per_settings_section():
+    from flows.pipeline import training_pipeline
+    from flows.predict import batch_predict
+    from flows.sweep import sweep
+
+    for flow in (training_pipeline, batch_predict, sweep):
+        schema = flow.parameters.model_dump()["properties"]
+        assert set(sections()) <= set(schema), flow.name
+        assert "overrides" in schema
+    validated = training_pipeline.validate_parameters({"train": {"epochs": 2},
+                                                       "overrides": ["model.checkpoint=null"]})
+    assert validated["train"].epochs == 2 and validated["overrides"] == ["model.checkpoint=null"]
+
+
+def test_a_whole_section_as_one_mapping_replaces_the_files_section(tmp_path):
+    """How the Kubeflow pipeline passes a section parameter: `--set train={...}`."""
+    path = write(tmp_path, "train:\n  epochs: 7\n  lr: 0.01\n")
+    whole = load_params(path, ['train={"epochs": 3.0, "batch_size": 32}'])  # JSON is YAML
+    assert (whole.train.epochs, whole.train.batch_size) == (3, 32)
+    assert whole.train.lr == Params().train.lr  # left out: the default, not the file's 0.01
+    by_section, by_key = (error_of(tmp_path, "", [o]) for o in ("train={epochs: 0}",
+                                                                "train.epochs=0"))
+    assert by_section.splitlines()[1:] == by_key.splitlines()[1:]  # the same line per problem
+    assert_names(by_section, "train.epochs = 0")
+    assert_names(error_of(tmp_path, "", ["train=5"]), "train=5", "section.key=value",
+                 "section={key: value")

@@ -19,9 +19,10 @@ import psycopg2
 import pytest
 from mlflow import MlflowClient
 
+from components import files
 from tests.postgres import Postgres, postgres_server
+from tests.projects import CLONE, Stack, committed_copy
 from tests.servers import BIN, api_post, mlflow_server, prefect_server, prefect_worker
-from tests.test_e2e_prefect import CLONE, Stack, committed_copy
 
 pytestmark = pytest.mark.slow
 MODEL = "pg-classifier"
@@ -101,7 +102,8 @@ def _overlap(a: dict, b: dict) -> bool:
 
 def _history(stack: Stack, name: str) -> list[dict]:
     """history.json of run `name`, from the clone of whichever worker ran it."""
-    found = [stack.workers / w / CLONE / f"outputs/pg-{name}/train/history.json" for w in WORKERS]
+    found = [stack.workers / w / CLONE / f"outputs/pg-{name}/train" / files.HISTORY
+             for w in WORKERS]
     found = [p for p in found if p.is_file()]
     assert len(found) == 1, found
     return json.loads(found[0].read_text())

@@ -15,9 +15,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from components import files
 from components.augment import augment
 from components.evaluate import evaluate
-from components.params import UserError, validate
+from components.params import Predict, UserError, validate
 from components.predict import main, predict
 from components.prepare import prepare
 from components.prepared import load_split
@@ -66,10 +67,10 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def test_predictions_equal_evaluates_on_the_test_images(trained, inbox):
-    model = Path(trained.paths.train) / "model.pt"
+    model = Path(trained.paths.train) / files.MODEL
     result = predict(trained, inbox, str(model))
     rows = {r["path"]: r for r in read_csv(Path(result.predictions))}
-    expected = read_csv(Path(trained.paths.evaluate) / "predictions.csv")
+    expected = read_csv(Path(trained.paths.evaluate) / files.PREDICTIONS)
     assert result.scored == len(expected) + 1 == len(rows)  # and odd.png, any size and mode
     assert rows["odd.png"]["class"] in {str(d) for d in range(10)}
     ours = {int(Path(p).stem.split("_")[1]): r for p, r in rows.items() if "img_" in p}
@@ -86,7 +87,8 @@ def test_predictions_equal_evaluates_on_the_test_images(trained, inbox):
 
 
 def test_top_k_columns_rank_the_classes(trained, inbox):
-    result = predict(trained, inbox, trained.paths.train, top_k=3)  # a folder holding model.pt
+    top3 = trained.model_copy(update={"predict": Predict(top_k=3)})
+    result = predict(top3, inbox, trained.paths.train)  # a folder holding model.pt
     rows = read_csv(Path(result.predictions))
     assert list(rows[0]) == ["path", "class", "confidence", "top1_class", "top1_prob",
                              "top2_class", "top2_prob", "top3_class", "top3_prob"]
@@ -95,7 +97,8 @@ def test_top_k_columns_rank_the_classes(trained, inbox):
         assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
         assert row["top1_class"] == row["class"] and row["top1_prob"] == row["confidence"]
         assert len({row[f"top{k}_class"] for k in (1, 2, 3)}) == 3
-    wide = predict(trained, inbox, trained.paths.train, top_k=50)  # more than there are classes
+    wide = predict(trained.model_copy(update={"predict": Predict(top_k=50)}), inbox,
+                   trained.paths.train)  # more than there are classes
     assert "top10_class" in read_csv(Path(wide.predictions))[0]
     assert "top11_class" not in read_csv(Path(wide.predictions))[0]
 
@@ -108,28 +111,33 @@ def test_champion_from_the_mlflow_registry_is_the_default(trained, inbox, tmp_pa
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("predict", (tmp_path / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment) as run:
-        mlflow.log_artifact(str(Path(trained.paths.train) / "model.pt"), "model")
+        mlflow.log_artifact(str(Path(trained.paths.train) / files.MODEL), "model")
     name, client = trained.register.model_name, mlflow.MlflowClient()
     client.create_registered_model(name)
     version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id)
     client.set_registered_model_alias(name, "champion", version.version)
 
     result = predict(trained, inbox)  # models:/<name>@champion
-    local = read_csv(Path(predict(trained, inbox, str(Path(trained.paths.train) / "model.pt"))
+    local = read_csv(Path(predict(trained, inbox, str(Path(trained.paths.train) / files.MODEL))
                           .predictions))
-    assert Path(result.model).name == "model.pt"
+    assert Path(result.model).name == files.MODEL
     assert read_csv(Path(result.predictions)) == local
     with pytest.raises(UserError, match="cannot download"):
         predict(trained, inbox, f"models:/{name}@no-such-alias")
 
 
-def test_command_line(trained, inbox, tmp_path, capsys):
+def test_command_line(trained, inbox, tmp_path, capsys, monkeypatch):
+    # main() tracks each batch in MLflow: an SQLite store here (its artifacts in ./mlruns: the
+    # working directory is here too), not in the project.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.chdir(tmp_path)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(trained.model_dump(mode="json")))
-    model = str(Path(trained.paths.train) / "model.pt")
+    model = str(Path(trained.paths.train) / files.MODEL)
     cmd = [sys.executable, "-m", "components.predict", "--folder", str(inbox), "--model", model,
-           "--params", str(params), "--top-k", "2"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+           "--params", str(params), "--set", "predict.top_k=2"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["scored"] == len(read_csv(Path(summary["predictions"]))) > 300
@@ -139,7 +147,8 @@ def test_command_line(trained, inbox, tmp_path, capsys):
         ([], "--folder"),
         (["--folder", str(tmp_path / "nowhere"), "--model", model], "folder not found"),
         (["--folder", str(inbox), "--model", str(tmp_path / "none.pt")], "no such file"),
-        (["--folder", str(inbox), "--model", model, "--top-k", "0"], "top_k = 0"),
+        (["--folder", str(inbox), "--model", model, "--set", "predict.top_k=0"],
+         "predict.top_k = 0"),
         (["--folder", str(inbox), "--model", model, "--set", "evaluate.device=tpu"],
          "evaluate.device"),
     ]:

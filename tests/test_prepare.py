@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from components import files
 from components import prepare as prepare_module
 from components.params import Params, UserError, validate
 from components.prepare import PrepareResult, prepare
@@ -34,6 +35,7 @@ from tests.formats import (
     write_image,
     write_mnist,
 )
+from tests.projects import IMBALANCED_DATA, REDUCED, imbalanced_digits
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -108,19 +110,20 @@ def check_consistent(out: Path, manifest: dict, splits: dict, result: PrepareRes
         assert y.min(initial=0) >= 0 and y.max(initial=0) < len(names)
         assert len(manifest["hashes"][name]) == 64
         int(manifest["hashes"][name], 16)
-    files = manifest["files"]
-    assert files["found"] == files["prepared"] + files["quarantined"] + files["ignored"]
-    assert files["prepared"] == sum(manifest["num"].values())
-    quarantine = json.loads((out / "quarantine.json").read_text())
-    assert files["quarantined"] == len(quarantine)
+    counted = manifest["files"]
+    assert counted["found"] == counted["prepared"] + counted["quarantined"] + counted["ignored"]
+    assert counted["prepared"] == sum(manifest["num"].values())
+    quarantine = json.loads((out / files.QUARANTINE).read_text())
+    assert counted["quarantined"] == len(quarantine)
     assert all(set(q) == {"path", "reason", "detail"} for q in quarantine)
-    assert result.files == files and result.classes == names
+    assert result.files == counted and result.classes == names
     assert result.duplicates == manifest["duplicates_across_splits"]["count"]
     x = splits["train"].x.reshape(-1, c).astype(np.float64) / 255
     np.testing.assert_allclose(manifest["mean"], x.mean(0), atol=1e-4)
     np.testing.assert_allclose(manifest["std"], x.std(0), atol=1e-4)
     assert {p.name for p in out.iterdir()} == {
-        *(f"{s}_{k}.npy" for s in SPLITS for k in "xy"), "manifest.json", "quarantine.json"}
+        *(f(s) for s in SPLITS for f in (files.x_file, files.y_file)), files.MANIFEST,
+        files.QUARANTINE}
 
 
 def assert_stratified(splits: dict, n_classes: int, test_fraction: float, val_fraction: float):
@@ -149,8 +152,25 @@ def test_digits_end_to_end(digits):
     assert manifest["files"] == {"found": 1797, "prepared": 1797, "quarantined": 0, "ignored": 0}
     assert sum(manifest["num"].values()) == 1797
     assert 0.1 < manifest["mean"][0] < 0.5 and 0.2 < manifest["std"][0] < 0.5
-    assert json.loads((out / "quarantine.json").read_text()) == []
+    assert json.loads((out / files.QUARANTINE).read_text()) == []
     assert result.path == str(out)
+
+
+def test_imbalanced_train_classes_are_warned_about_naming_the_settings(digits, tmp_path,
+                                                                       capsys):
+    assert digits[2]["imbalance"]["warning"] is None and digits[2]["imbalance"]["ratio"] < 1.1
+    folder = imbalanced_digits(digits[0], tmp_path / "folder")  # 3, 8, 9 at 5% of train
+    prepare(validate({"paths": {"prepared": str(tmp_path / "prepared")},
+                      "data": IMBALANCED_DATA | {"root": str(folder)}}))
+    info = read_manifest(tmp_path / "prepared")["imbalance"]
+    assert info["ratio"] > 10 and info["smallest"]["class"] in REDUCED and info["limit"] == 10
+    assert info["largest"]["train"] / info["smallest"]["train"] == pytest.approx(info["ratio"],
+                                                                                 abs=1e-3)
+    err = capsys.readouterr().err
+    assert f"warning: {info['warning']}" in err
+    for setting in ("train.class_weights: balanced", "train.sampler: balanced",
+                    "register.primary_metric: balanced_accuracy"):
+        assert setting in info["warning"]
 
 
 def test_digits_values_span_0_to_255_and_labels_are_right(digits):
@@ -362,7 +382,7 @@ def test_messy_folder_accounting(messy):
 
 def test_messy_folder_quarantine_reasons(messy):
     expected, out, *_ = messy
-    quarantine = json.loads((out / "quarantine.json").read_text())
+    quarantine = json.loads((out / files.QUARANTINE).read_text())
     got = {q["path"]: q["reason"] for q in quarantine}
     assert got == expected.quarantined
     assert all(q["detail"] for q in quarantine)
@@ -434,7 +454,7 @@ def test_image_directly_in_a_split_folder_is_quarantined(tmp_path):
     root = folder(tmp_path / "raw", {"train/a": 4, "train/b": 4, "test/a": 2, "test/b": 2})
     write_image(root / "train/loose.png", noise(16, 16, seed=3))
     _, manifest, _ = run(tmp_path / "out", source="imagefolder", root=root, image_size=16)
-    quarantine = json.loads((tmp_path / "out/quarantine.json").read_text())
+    quarantine = json.loads((tmp_path / "out" / files.QUARANTINE).read_text())
     assert [(q["path"], q["reason"]) for q in quarantine] == [
         ("train/loose.png", "outside_class_folder")]
     assert manifest["files"]["found"] == 13
@@ -483,7 +503,7 @@ def test_duplicates_are_dropped_from_the_later_split(tmp_path):
     check_consistent(tmp_path / "out", manifest, splits, result)
     assert manifest["duplicates_across_splits"]["dropped"] == 2
     assert manifest["num"] == {"train": 11, "val": 4, "test": 6}  # train keeps its copies
-    quarantine = json.loads((tmp_path / "out/quarantine.json").read_text())
+    quarantine = json.loads((tmp_path / "out" / files.QUARANTINE).read_text())
     assert {(q["path"], q["reason"]) for q in quarantine} == {
         ("test/a/copy.bmp", "duplicate"), ("val/b/again.png", "duplicate")}
     assert manifest["files"] == {"found": 23, "prepared": 21, "quarantined": 2, "ignored": 0}
@@ -542,11 +562,26 @@ def test_relative_paths_are_relative_to_the_working_directory(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     result = prepare(validate({"data": {"source": "imagefolder", "root": "raw", "image_size": 16},
                                "paths": {"prepared": "data/prepared"}}))
-    assert (tmp_path / "data/prepared/manifest.json").is_file()
+    assert (tmp_path / "data/prepared" / files.MANIFEST).is_file()
     assert sum(result.counts.values()) == 10
 
 
 # --- kill safety ----------------------------------------------------------------------------
+
+
+def test_a_replaced_output_folder_keeps_dvcs_gitignore(tmp_path):
+    """A step run by hand replaces its folder whole; the .gitignore DVC wrote there stays, or git
+    would offer to commit the cached outputs (and `dvc repro` then refuses them)."""
+    from components.atomic import atomic_dir
+
+    out = tmp_path / "outputs/evaluate"
+    with atomic_dir(out) as tmp:
+        (tmp / "report.json").write_text("{}")
+    (out / ".gitignore").write_text("/report.json\n")  # what DVC adds after its run
+    with atomic_dir(out) as tmp:
+        (tmp / "report.json").write_text('{"new": 1}')
+    assert (out / ".gitignore").read_text() == "/report.json\n"
+    assert (out / "report.json").read_text() == '{"new": 1}'
 
 
 def test_a_killed_run_leaves_the_previous_output_intact(tmp_path):

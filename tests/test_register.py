@@ -21,15 +21,12 @@ import torch
 import yaml
 
 from components import checkpoint as ckpt
+from components import files
 from components.params import Register, load_params
 from components.prepared import class_names, load_split, read_manifest
 from components.register import Classifier, Scores, decide, register, score
-from components.tracking import Tracker
-from tests.servers import mlflow_server
-from tests.test_tracking import SETTINGS, get, make_project, pairs
-
-pytestmark = pytest.mark.slow
-
+from components.tracking import Tracker, tracked
+from tests.projects import SETTINGS, get, make_project, pairs
 
 # --- the decision alone --------------------------------------------------------------------------
 
@@ -61,11 +58,11 @@ def test_decide(new, old, cfg, promoted, reason):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with mlflow_server(tmp_path_factory.mktemp("registry")) as uri, \
-            pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        yield uri
+def server(stack):
+    """The session's MLflow server (conftest's stack; this module's model names are its own)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", stack.mlflow)
+        yield stack.mlflow
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +80,7 @@ def projects(tmp_path_factory) -> dict[str, Path]:
         ("prepared", "data/prepared"), ("augment", "outputs/augment"), ("train", "trained"))]
         + ["train.epochs=6", "train.warmup_epochs=0.5"])
     train(params)
-    return {"a": a, "b": b, "model": a / "trained" / "model.pt"}
+    return {"a": a, "b": b, "model": a / "trained" / files.MODEL}
 
 
 def variant(src: Path, dst: Path, suppress: tuple[int, ...] = (), random: bool = False) -> Path:
@@ -115,12 +112,12 @@ def candidate(folder: Path, project: Path, model: Path, name: str, **cfg) -> Pat
     shutil.copytree(project / "data", folder / "data")
     shutil.copytree(project / "outputs/augment", folder / "outputs/augment")
     (folder / "outputs/train").mkdir(parents=True)
-    shutil.copy(model, folder / "outputs/train/model.pt")
+    shutil.copy(model, folder / "outputs/train" / files.MODEL)
     shutil.copy(ckpt.sha256_path(model), folder / "outputs/train/model.pt.sha256")
     s = scores_of(model, folder / "data/prepared")
     metrics = {"accuracy": s.metrics["accuracy"], "n_test": len(s.recall)}
     (folder / "outputs/evaluate").mkdir(parents=True)
-    (folder / "outputs/evaluate/metrics.json").write_text(json.dumps(metrics))
+    (folder / "outputs/evaluate" / files.METRICS).write_text(json.dumps(metrics))
     settings = yaml.safe_load((project / "params.yaml").read_text())
     settings["register"] = {**settings["register"], "model_name": name, **cfg}
     (folder / "params.yaml").write_text(yaml.safe_dump(settings))
@@ -129,7 +126,7 @@ def candidate(folder: Path, project: Path, model: Path, name: str, **cfg) -> Pat
 
 def register_in(params_file: Path):
     os.chdir(params_file.parent)
-    return register(load_params(params_file))
+    return tracked(register)(load_params(params_file))
 
 
 @pytest.fixture(autouse=True)
@@ -152,11 +149,17 @@ def aliases(uri: str, name: str) -> dict[str, str]:
 ANY_DROP = {"max_class_drop": 1.0}
 
 
+@pytest.mark.slow  # a real MLflow server
 def test_gate_first_better_worse_equal(server, projects, tmp_path):
     trained, a = projects["model"], projects["a"]
     weak = variant(trained, tmp_path / "random.pt", random=True)
     first = register_in(candidate(tmp_path / "1", a, weak, "story", **ANY_DROP))
     assert first.promoted and first.reasons == ["no champion yet"]
+    # The drift reference model.pt carries is on the version, readable without downloading it.
+    version = get(server, "model-versions/get", name="story", version="1")["model_version"]
+    carried = json.loads(pairs(version["tags"])["drift.reference"])
+    saved = ckpt.load(weak, what="model file")
+    assert carried["test"] == saved["reference"] and carried["mean"] == saved["mean"]
     assert aliases(server, "story") == {"champion": "1", "challenger": "1"}
 
     better = register_in(candidate(tmp_path / "2", a, trained, "story", **ANY_DROP))
@@ -174,12 +177,13 @@ def test_gate_first_better_worse_equal(server, projects, tmp_path):
     assert not equal.promoted and "(+0.0000): does not beat it" in equal.reasons[0]
     assert aliases(server, "story")["champion"] == "2"
 
-    decision = json.loads((tmp_path / "4/outputs/register/decision.json").read_text())
+    decision = json.loads((tmp_path / "4/outputs/register" / files.DECISION).read_text())
     assert decision["compared_with"]["version"] == "2" and not decision["compared_with"]["rescored"]
     run = get(server, "runs/get", run_id=equal.run_id)["run"]
     assert pairs(run["data"]["tags"])["register.promoted"] == "False"
 
 
+@pytest.mark.slow  # a real MLflow server
 def test_gate_refuses_a_class_regression(server, projects, tmp_path):
     trained, a = projects["model"], projects["a"]
     recall = scores_of(trained, a / "data/prepared").recall
@@ -198,6 +202,7 @@ def test_gate_refuses_a_class_regression(server, projects, tmp_path):
     assert aliases(server, "classes") == {"champion": "1", "challenger": "2"}
 
 
+@pytest.mark.slow  # a real MLflow server
 def test_gate_rescores_a_champion_of_other_data(server, projects, tmp_path):
     trained, a, b = projects["model"], projects["a"], projects["b"]
     assert register_in(candidate(tmp_path / "a", a, trained, "data")).promoted
@@ -215,6 +220,7 @@ def test_gate_rescores_a_champion_of_other_data(server, projects, tmp_path):
 # --- exactly once --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a real MLflow server
 def test_a_retried_register_makes_no_second_version(server, projects, tmp_path):
     params_file = candidate(tmp_path / "1", projects["a"], projects["model"], "retry")
     first = register_in(params_file)
@@ -234,8 +240,11 @@ def test_a_retried_register_makes_no_second_version(server, projects, tmp_path):
     import mlflow.pyfunc
 
     test = load_split(projects["a"] / "data/prepared", "test")
-    probs = mlflow.pyfunc.load_model("models:/retry@champion").predict(np.array(test.x[:50]))
+    served = mlflow.pyfunc.load_model("models:/retry@champion")  # arrays: the second form
+    rows = served.unwrap_python_model().classify(np.array(test.x[:50]))
+    probs = np.array(rows["probabilities"].tolist())
     assert probs.shape == (50, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert list(rows["class"]) == [str(c) for c in probs.argmax(1)]
 
     # model.pt travels with the registered model: predict and model.checkpoint start from it.
     from components.checkpoint import load_model, prepare_input, resolve_model_uri
@@ -249,23 +258,25 @@ def test_a_retried_register_makes_no_second_version(server, projects, tmp_path):
 # --- concurrency ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a real MLflow server
 @pytest.mark.parametrize("round_", range(3))
 def test_two_pipelines_finishing_together_leave_the_better_champion(server, projects, tmp_path,
                                                                      round_):
     name = f"race-{round_}"
     weak = variant(projects["model"], tmp_path / "random.pt", random=True)
-    files = {"better": candidate(tmp_path / "better", projects["a"], projects["model"], name,
-                                 **ANY_DROP),
-             "worse": candidate(tmp_path / "worse", projects["a"], weak, name, **ANY_DROP)}
-    for params_file in files.values():  # each its own training run, as two pipelines have
+    pipelines = {"better": candidate(tmp_path / "better", projects["a"], projects["model"], name,
+                                     **ANY_DROP),
+                 "worse": candidate(tmp_path / "worse", projects["a"], weak, name, **ANY_DROP)}
+    for params_file in pipelines.values():  # each its own training run, as two pipelines have
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(params_file.parent)
-            Tracker.start(load_params(params_file)).close()
+            with Tracker.start(load_params(params_file)) as tracker:
+                tracker.on_train_start(0)  # the run a train would have opened
     env = {**os.environ, "MLFLOW_TRACKING_URI": server}
     procs = {k: subprocess.Popen([sys.executable, "-m", "components.register", "--params",
                                   str(f)], cwd=f.parent, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
-             for k, f in files.items()}
+             for k, f in pipelines.items()}
     results = {}
     for k, proc in procs.items():
         out, err = proc.communicate(timeout=600)
@@ -274,3 +285,34 @@ def test_two_pipelines_finishing_together_leave_the_better_champion(server, proj
     champion = get(server, "registered-models/alias", name=name, alias="champion")
     assert champion["model_version"]["run_id"] == results["better"]["run_id"]
     assert {r["version"] for r in results.values()} == {"1", "2"}
+
+
+LOCK_SCRIPT = """
+import sys, time
+from mlflow import MlflowClient
+from components.register import RegistryLock
+with RegistryLock(MlflowClient(tracking_uri=sys.argv[1]), "race/0"):
+    held = time.time()
+    time.sleep(0.5)
+    print(held, time.time())
+"""
+
+
+def test_pipelines_on_the_embedded_store_take_turns_through_a_file_lock(tmp_path):
+    """Two processes locking one model of a SQLite registry hold the lock one after the other,
+    through a lock file beside the store, not the registry's tag (the model is not even
+    registered, which the tag lock would need)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri).search_experiments()  # the store exists before both start
+    procs = [subprocess.Popen([sys.executable, "-c", LOCK_SCRIPT, uri], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    spans = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        spans.append(tuple(map(float, out.split())))
+    first, second = sorted(spans)
+    assert first[1] <= second[0]  # held one after the other
+    assert (tmp_path / "mlflow.db.race%2F0.lock").exists()

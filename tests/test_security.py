@@ -22,7 +22,6 @@ import ipaddress
 import os
 import pickle
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +30,10 @@ import torch
 import yaml
 
 from components import checkpoint as ckpt
+from components import files
+from components.cli import run_step
 from components.credentials import credential_name, secrets_in
-from components.params import ParamsError, UserError, flatten, load_params, run_step
-from tests.servers import BIN, mlflow_server, prefect_server, prefect_worker
+from components.params import ParamsError, UserError, flatten, load_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 SECRET = "hunter2-canary"  # never to appear in a message, a param or a tag
@@ -69,7 +69,8 @@ def test_a_credential_named_setting_in_the_file_is_refused(tmp_path, key, text):
 @pytest.mark.parametrize(("override", "key"), [
     (f"train.password={SECRET}", "train.password"),
     (f"model.private_key={SECRET}", "model.private_key"),
-    (f"model.checkpoint=http://bob:{SECRET}@mlflow.example:5000/model.pt", "model.checkpoint"),
+    (f"model.checkpoint=http://bob:{SECRET}@mlflow.example:5000/{files.MODEL}",
+     "model.checkpoint"),
     (f"model.checkpoint=https://{SECRET}@models.example/m.pt", "model.checkpoint"),  # a token
     (f"register.experiment=-----BEGIN RSA PRIVATE KEY-----{SECRET}", "register.experiment"),
 ])
@@ -189,19 +190,16 @@ def _server_session(port: int) -> int:
 
 
 @pytest.mark.slow
-def test_local_servers_and_worker_listen_on_loopback_only(tmp_path):
-    with prefect_server(tmp_path / "prefect") as api, mlflow_server(tmp_path / "mlflow") as uri:
-        env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "home")}
-        subprocess.run([str(BIN / "prefect"), "work-pool", "create", "sec", "--type", "process"],
-                       env=env, check=True, capture_output=True, timeout=300)
-        (tmp_path / "w").mkdir()
-        with prefect_worker("sec", tmp_path / "w", env, "sec-worker") as worker:
-            seen = {}
-            for name, base in (("prefect", api), ("mlflow", uri)):
-                port = int(re.search(r":(\d+)", base.split("//")[1]).group(1))
-                seen[name] = listening(_server_session(port))
-                assert ("127.0.0.1", port) in seen[name], seen  # the reading itself works
-            seen["worker"] = listening(worker.pid)
+def test_local_servers_and_worker_listen_on_loopback_only(stack):
+    """The session's servers and a worker (started as tests/servers.py starts them, which
+    test_the_stack_commands_bind_loopback below holds to the Makefile's way)."""
+    with stack.worker("sec-worker") as worker:
+        seen = {}
+        for name, base in (("prefect", stack.env["PREFECT_API_URL"]), ("mlflow", stack.mlflow)):
+            port = int(re.search(r":(\d+)", base.split("//")[1]).group(1))
+            seen[name] = listening(_server_session(port))
+            assert ("127.0.0.1", port) in seen[name], seen  # the reading itself works
+        seen["worker"] = listening(worker.pid)
     exposed = {name: [s for s in socks if not _loopback(s[0])] for name, socks in seen.items()}
     assert not any(exposed.values()), f"listening beyond loopback: {exposed}"
 
@@ -255,7 +253,7 @@ WRITERS = {  # every format torch.load accepts, each carrying the payload
 def malicious(request, tmp_path) -> tuple[Path, Path]:
     """(model.pt with the payload and a matching .sha256, the canary it would create)."""
     canary = tmp_path / "canary"
-    path = tmp_path / "bad" / "model.pt"
+    path = tmp_path / "bad" / files.MODEL
     path.parent.mkdir()
     WRITERS[request.param](_model_file(canary), path)
     return _seal(path), canary
@@ -285,9 +283,9 @@ def test_checkpoint_load_refuses_pickled_code(malicious):
     path, canary = malicious
     assert "cannot be read safely" in _refused(lambda: ckpt.load(path), canary)
     # as train's resume reads checkpoints/last.pt
-    path.rename(path.with_name("last.pt"))
-    _seal(path.with_name("last.pt"))
-    _refused(lambda: ckpt.load(path.with_name("last.pt")), canary)
+    path.rename(path.with_name(files.LAST))
+    _seal(path.with_name(files.LAST))
+    _refused(lambda: ckpt.load(path.with_name(files.LAST)), canary)
 
 
 def test_load_model_refuses_pickled_code(malicious):
@@ -368,8 +366,8 @@ def test_register_rescores_a_champion_without_running_its_code(tmp_path, monkeyp
     (model / "MLmodel").write_text(yaml.safe_dump({"flavors": {"python_function": {
         "loader_module": "planted_loader", "code": "code", "python_version": "3.11"}}}))
     (model / "extra_files").mkdir()
-    torch.save(_model_file(canary), model / "extra_files" / "model.pt")
-    _seal(model / "extra_files" / "model.pt")
+    torch.save(_model_file(canary), model / "extra_files" / files.MODEL)
+    _seal(model / "extra_files" / files.MODEL)
 
     client = MlflowClient(uri)
     experiment = client.create_experiment("sec", artifact_location=(tmp_path / "art").as_uri())
@@ -389,25 +387,24 @@ def test_register_rescores_a_champion_without_running_its_code(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_tracked_params_and_tags_carry_no_credential(tmp_path, monkeypatch):
-    """A run started the way train starts it, against a real server, with the credentials where
-    the refusal says they go (the environment): its params are exactly the validated settings,
-    and no param, tag or file the run leaves behind holds the password."""
-    from components.tracking import RUN_FILE, Tracker
-    from tests.test_tracking import make_project
+def test_tracked_params_and_tags_carry_no_credential(tmp_path, monkeypatch, stack):
+    """A run started the way train starts it, against a real server (the session's), with the
+    credentials where the refusal says they go (the environment): its params are exactly the
+    validated settings, and no param, tag or file the run leaves behind holds the password."""
+    from components.tracking import Tracker
+    from tests.projects import make_project
 
     root = make_project(tmp_path / "project", dvc=False)
-    with mlflow_server(tmp_path / "mlflow") as uri:
-        monkeypatch.chdir(root)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
-        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
-        params = load_params()
-        tracker = Tracker.start(params)
-        tracker.close()
-        data = tracker.client.get_run(tracker.run_id).data
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+    params = load_params(overrides=["register.model_name=no-credential"])
+    with Tracker.start(params) as tracker:
+        tracker.on_train_start(0)
+    data = tracker.client.get_run(tracker.run_id).data
     assert data.params == {k: str(v) for k, v in flatten(params).items()}
     assert secrets_in(data.params) == [] and secrets_in(data.tags) == []
     logged = [*data.params.items(), *data.tags.items()]
     assert not [kv for kv in logged if SECRET in str(kv)]
-    assert SECRET not in (Path(params.paths.train) / RUN_FILE).read_text()
+    assert SECRET not in (Path(params.paths.train) / files.RUN).read_text()

@@ -12,10 +12,7 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -23,63 +20,21 @@ import pytest
 import torch
 import yaml
 
-from components import evaluate, register, train
+from components import evaluate, files, register, train
 from components.checkpoint import load_model, prepare_input
 from components.params import flatten, load_params
 from components.prepared import load_split
-from components.tracking import PENDING_FILE, Tracker, data_hash, dvc_dir_hash, params_hash
+from components.tracking import Tracker, data_hash, dvc_dir_hash, params_hash
+from tests.projects import get, make_project, pairs
 from tests.servers import free_port, mlflow_server
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
-SETTINGS = {  # the defaults, made small: digits, one epoch, small pictures
-    "data": {"seed": 0},  # DVC's params dependency needs the section present
-    "train": {"epochs": 1, "batch_size": 64},
-    "augment": {"preview_images": 2, "preview_views": 2},
-    "evaluate": {"mistakes": 4},
-    "register": {"model_name": "tracked", "flush_timeout_s": 2},
-}
-PREPARE_STAGE = {"stages": {"prepare": {"cmd": "python -m components.prepare",
-                                        "params": ["data"], "outs": ["data/prepared"]}}}
 ARTIFACTS = {
-    "augment/policy.json", "augment/preview.png", "data/manifest.json", "params.yaml", "dvc.lock",
-    "train/history.json", "register/decision.json",
-    *(f"evaluate/{name}" for name in (
-        "metrics.json", "classification_report.json", "classification_report.txt",
-        "predictions.csv", "confusion.csv", "confusion.png", "confusion_normalized.png",
-        "calibration.csv", "calibration.png", "mistakes.png", "curves.png")),
+    f"augment/{files.POLICY}", f"augment/{files.PREVIEW}", f"data/{files.MANIFEST}", "params.yaml",
+    "dvc.lock", f"train/{files.HISTORY}", f"register/{files.DECISION}",
+    *(f"evaluate/{name}" for name in files.EVALUATE),
 }
-
-
-def sh(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
-def make_project(root: Path, settings: dict = SETTINGS, dvc: bool = True) -> Path:
-    """params.yaml with prepared and augmented data; with `dvc`, a git repo with a DVC prepare
-    stage, prepared by `dvc repro`."""
-    from components.augment import augment
-    from components.prepare import prepare
-
-    root.mkdir(parents=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(settings))
-    if dvc:
-        (root / "dvc.yaml").write_text(yaml.safe_dump(PREPARE_STAGE))
-        git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-        sh(["git", "init", "-q"], root)
-        sh(["dvc", "init", "-q"], root)
-        sh([*git, "add", "."], root)
-        sh([*git, "commit", "-qm", "project"], root)
-        sh(["dvc", "repro", "-q"], root)
-    with contextlib.chdir(root):
-        if not dvc:
-            prepare(load_params())
-        augment(load_params())
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -100,21 +55,11 @@ def project(base: Path, tmp_path: Path, monkeypatch) -> Path:
 # --- reading the server back: plain REST ---------------------------------------------------------
 
 
-def get(uri: str, endpoint: str, **query) -> dict:
-    url = f"{uri}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}"
-    with urllib.request.urlopen(url, timeout=30) as reply:
-        return json.loads(reply.read())
-
-
 def artifacts(uri: str, run_id: str, path: str = "") -> set[str]:
     found = set()
     for f in get(uri, "artifacts/list", run_id=run_id, path=path).get("files", []):
         found |= artifacts(uri, run_id, f["path"]) if f["is_dir"] else {f["path"]}
     return found
-
-
-def pairs(items: list[dict]) -> dict[str, str]:
-    return {i["key"]: i["value"] for i in items}
 
 
 def history(uri: str, run_id: str, key: str) -> list[int]:
@@ -129,7 +74,7 @@ def run_pipeline(*steps) -> None:
 
 def check_pipeline_run(uri: str, commit: str, dirty: str) -> str:
     """Everything one pipeline run should leave in MLflow; returns the run id."""
-    run_id = json.loads(Path("outputs/train/run.json").read_text())["run_id"]
+    run_id = json.loads((Path("outputs/train") / files.RUN).read_text())["run_id"]
     run = get(uri, "runs/get", run_id=run_id)["run"]
     params = load_params()
     assert run["info"]["status"] == "FINISHED"
@@ -191,13 +136,18 @@ def test_pipeline_is_one_run_on_a_tracking_server(project: Path, monkeypatch):
         run_pipeline(train, evaluate, register)
         check_pipeline_run(uri, git_head(), "false")
 
-        # The registered model takes raw uint8 images and gives probabilities.
+        # The registered model takes image files (a column of PNG bytes) and gives each one's
+        # probabilities, those of model.pt (tests/test_serve.py has the rest of what it answers).
         import mlflow.pyfunc
+        import pandas as pd
+
+        from components.serve import png
 
         test = load_split("data/prepared", "test")
-        model = mlflow.pyfunc.load_model("models:/tracked@champion")
-        probs = model.predict(np.array(test.x))
-        net, meta = load_model("outputs/train/model.pt")
+        model = mlflow.pyfunc.load_model("models:/tracked@champion")  # runs its code: ours
+        rows = model.predict(pd.DataFrame({"image": [png(np.asarray(x)) for x in test.x]}))
+        probs = np.array(list(rows["probabilities"]))
+        net, meta = load_model(Path("outputs/train") / files.MODEL)
         with torch.no_grad():
             expected = net(prepare_input(test.x, meta)).softmax(1).numpy()
         np.testing.assert_allclose(probs, expected, atol=1e-5)
@@ -252,7 +202,7 @@ def test_server_away_during_training_loses_no_metric(project: Path, monkeypatch)
 
     with Tracker.start(params) as tracker:
         train.train(params, callbacks=[tracker, Outage()])
-    pending = json.loads((project / "outputs/train" / PENDING_FILE).read_text())
+    pending = json.loads((project / "outputs/train" / files.PENDING).read_text())
     [entry] = pending.values()
     assert {m["key"] for m in entry["metrics"]} >= {"train.seconds"}
 
@@ -263,5 +213,23 @@ def test_server_away_during_training_loses_no_metric(project: Path, monkeypatch)
         assert history(uri, tracker.run_id, "train.seconds") == [2]
         run = get(uri, "runs/get", run_id=tracker.run_id)["run"]
         assert pairs(run["data"]["tags"])["train.device"] == "cpu"
-        assert "train/history.json" in artifacts(uri, tracker.run_id)
-    assert not (project / "outputs/train" / PENDING_FILE).exists()
+        assert f"train/{files.HISTORY}" in artifacts(uri, tracker.run_id)
+    assert not (project / "outputs/train" / files.PENDING).exists()
+
+
+def test_a_step_in_process_leaves_mlflows_default_as_it_found_it(monkeypatch, tmp_path):
+    """register and export point mlflow's process-wide default at the run's server (log_model,
+    models:/ URIs); afterwards a flow's next task, or the next test, must not find it there."""
+    import mlflow
+
+    from components.tracking import mlflow_default
+
+    before = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", before)
+    with mlflow_default("http://127.0.0.1:9"):
+        assert mlflow.get_tracking_uri() == "http://127.0.0.1:9"
+    assert mlflow.get_tracking_uri() == before
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with mlflow_default("http://127.0.0.1:9"):
+        pass
+    assert "MLFLOW_TRACKING_URI" not in os.environ

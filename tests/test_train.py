@@ -1,10 +1,11 @@
 """train: the real entry point on real (tiny) data; what it writes; exact determinism and exact
-resume after SIGKILL on CPU; refused checkpoints; non-finite losses; out-of-memory halving; the
-frozen backbone; optimizer groups; bf16 and channels_last; bad settings.
+resume after SIGKILL on CPU (with the balanced sampler too); refused checkpoints; non-finite
+losses; out-of-memory halving; the frozen backbone; optimizer groups; bf16 and channels_last;
+class weights and the balanced sampler, and what they do for imbalanced classes; bad settings.
 
 Data: scikit-learn's digits (8×8×1, ~1300 training images) through the real prepare and augment
-steps, once per module. Models that misbehave on purpose (NaN, out of memory) are registered with
-timm here, so train creates them by name like any other.
+steps, once per session. Models that misbehave on purpose (NaN, out of memory) are registered with
+timm in conftest.py, so train creates them by name like any other.
 """
 
 from __future__ import annotations
@@ -20,97 +21,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
-from timm.models import register_model
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score, recall_score
 
 from components import checkpoint as ckpt
-from components import recipe
-from components.augment import augment
-from components.params import ParamsError, UserError, load_params
-from components.prepare import prepare
-from components.prepared import load_split
-from components.train import NonFiniteLossError, train
+from components import files, recipe
+from components.batches import BalancedOrder, share
+from components.params import ParamsError, Train, UserError, load_params, validate
+from components.predict import score
+from components.prepared import class_names, load_split, read_manifest
+from components.train import NonFiniteLossError, class_weights, train, weighted_cross_entropy
+from tests.projects import REDUCED
 
 TIMING = {"images_per_s", "epoch_s"}  # the only history fields that may differ between runs
 
 
 # ---------------------------------------------------------------------------------------------
-# Models that fail on purpose, registered like any timm model.
+# Data and settings (the misbehaving models fake_* are registered in conftest.py)
 
 
-class _Tiny(nn.Module):
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, **_):
-        super().__init__()
-        self.conv = nn.Conv2d(in_chans, 8, 3, padding=1)
-        self.fc = nn.Linear(8, num_classes)
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += self.training
-        return self.fc(self.conv(x).relu().mean((2, 3)))
-
-
-class _NaNAfter(_Tiny):
-    def forward(self, x):
-        out = super().forward(x)
-        return out * float("nan") if self.calls > 25 else out
-
-
-class _NaNEvery4th(_Tiny):
-    def forward(self, x):
-        out = super().forward(x)
-        return out * float("nan") if self.calls % 4 == 0 else out
-
-
-class _OutOfMemoryAlways(_Tiny):
-    def forward(self, x):
-        raise torch.OutOfMemoryError("simulated: nothing fits")
-
-
-class _OutOfMemoryAbove16(_Tiny):
-    def forward(self, x):
-        if x.shape[0] > 16:
-            raise torch.OutOfMemoryError(f"simulated: batch of {x.shape[0]} does not fit")
-        return super().forward(x)
-
-
-@register_model
-def fake_nan_after_25_steps(pretrained=False, **kwargs):
-    return _NaNAfter(**kwargs)
-
-
-@register_model
-def fake_nan_every_4th_step(pretrained=False, **kwargs):
-    return _NaNEvery4th(**kwargs)
-
-
-@register_model
-def fake_oom_above_16(pretrained=False, **kwargs):
-    return _OutOfMemoryAbove16(**kwargs)
-
-
-@register_model
-def fake_oom_always(pretrained=False, **kwargs):
-    return _OutOfMemoryAlways(**kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data and settings
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """Prepared digits and two policies (none, basic), made by the real steps."""
-    root = tmp_path_factory.mktemp("digits")
-    for preset in ("none", "basic"):
-        path = root / f"{preset}.yaml"
-        path.write_text(f"paths:\n  prepared: {root / 'prepared'}\n"
-                        f"  augment: {root / ('augment_' + preset)}\n")
-        params = load_params(path, [f"augment.preset={preset}"])
-        if preset == "none":
-            prepare(params)
-        augment(params)
-    return root
+@pytest.fixture(scope="session")
+def data(digits: Path) -> Path:
+    """Prepared digits and two policies (none, basic), made by the real steps (conftest.py)."""
+    return digits
 
 
 def settings(tmp_path: Path, data: Path, *overrides: str, policy: str = "none"):
@@ -137,7 +70,7 @@ def run_cli(path: Path, *overrides: str) -> subprocess.Popen:
 
 
 def history(out: Path) -> list[dict]:
-    return json.loads((out / "history.json").read_text())
+    return json.loads((out / files.HISTORY).read_text())
 
 
 def without_timing(rows: list[dict]) -> list[dict]:
@@ -166,13 +99,14 @@ def test_entry_point_trains_one_epoch_and_writes_its_files(tmp_path, data):
     result = json.loads(stdout)
     out = tmp_path / "train"
     assert result["epochs"] == 1 and result["resumed_from"] == 0
-    assert Path(result["model_path"]) == out / "model.pt"
+    assert Path(result["model_path"]) == out / files.MODEL
     rows = history(out)
     assert [r["epoch"] for r in rows] == [1]
     assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
                             "images_per_s", "epoch_s"}
     assert 0.0 <= rows[0]["val_acc"] <= 1.0 and np.isfinite(rows[0]["train_loss"])
-    for name in ("model.pt", "checkpoints/last.pt", "checkpoints/best.pt"):
+    for name in (files.MODEL, f"{files.CHECKPOINTS}/{files.LAST}",
+                 f"{files.CHECKPOINTS}/{files.BEST}"):
         assert (out / name).is_file() and (out / (name + ".sha256")).is_file(), name
     assert "epoch 1/1" in stderr  # the per-epoch line, also when no progress bar is shown
 
@@ -204,20 +138,23 @@ def test_two_runs_with_the_same_seed_are_identical(tmp_path, data):
                              policy="basic")
         results.append(train(params))
     a, b = (Path(r.model_path).parent for r in results)
-    assert_same_weights(weights(a / "model.pt"), weights(b / "model.pt"))
+    assert_same_weights(weights(a / files.MODEL), weights(b / files.MODEL))
     assert without_timing(history(a)) == without_timing(history(b))
     params, _ = settings(tmp_path / "c", data, "train.epochs=2", "train.seed=1", "train.device=cpu",
                          policy="basic")
     other = train(params)
-    assert not torch.equal(weights(a / "model.pt")["fc.weight"],
+    assert not torch.equal(weights(a / files.MODEL)["fc.weight"],
                            weights(Path(other.model_path))["fc.weight"])
 
 
-def test_a_run_killed_with_sigkill_resumes_to_the_same_weights_and_metrics(tmp_path, data):
+@pytest.mark.parametrize("sampler", ["none", "balanced"])
+def test_a_run_killed_with_sigkill_resumes_to_the_same_weights_and_metrics(tmp_path, data,
+                                                                           sampler):
     # Small batches make an epoch long enough (81 steps) to kill the run inside the next one.
-    # Bit-for-bit equality is promised on the CPU (see the test above).
+    # Bit-for-bit equality is promised on the CPU (see the test above). With the balanced
+    # sampler, the resumed epochs draw what the uninterrupted run drew.
     run = ("train.epochs=3", "train.batch_size=16", "train.warmup_epochs=1", "train.ema=0.9",
-           "train.device=cpu")
+           "train.device=cpu", f"train.sampler={sampler}")
     params, _ = settings(tmp_path / "whole", data, *run, policy="basic")
     whole = Path(train(params).model_path).parent
 
@@ -225,25 +162,26 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights_and_metrics(tmp_p
     out = tmp_path / "killed" / "train"
     proc = run_cli(path, *run)
     deadline = time.monotonic() + 180
-    while not (out / "checkpoints" / "last.pt").exists():
+    while not (out / files.CHECKPOINTS / files.LAST).exists():
         assert proc.poll() is None, proc.communicate()[1]
         assert time.monotonic() < deadline, "no checkpoint within 180 s"
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    done = ckpt.load(out / "checkpoints" / "last.pt")["progress"]["epoch"]
+    done = ckpt.load(out / files.CHECKPOINTS / files.LAST)["progress"]["epoch"]
     assert done < 3, "the run finished before it was killed: nothing was tested"
 
     resumed = run_cli(path, *run)
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
     assert json.loads(stdout)["resumed_from"] == done
-    assert f"resuming from {out / 'checkpoints' / 'last.pt'}" in stderr
-    assert_same_weights(weights(whole / "model.pt"), weights(out / "model.pt"))
+    assert f"{out / files.CHECKPOINTS / files.LAST} is this run's, after epoch {done}: " \
+        "resuming" in stderr
+    assert_same_weights(weights(whole / files.MODEL), weights(out / files.MODEL))
     for key in ("model", "optimizer"):
-        a = ckpt.load(whole / "checkpoints" / "last.pt")[key]
-        b = ckpt.load(out / "checkpoints" / "last.pt")[key]
+        a = ckpt.load(whole / files.CHECKPOINTS / files.LAST)[key]
+        b = ckpt.load(out / files.CHECKPOINTS / files.LAST)[key]
         assert str(a) == str(b), key
     assert without_timing(history(whole)) == without_timing(history(out))
 
@@ -266,7 +204,7 @@ def test_a_run_with_other_settings_starts_fresh_and_a_finished_one_is_not_repeat
 def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, data, damage):
     params, _ = settings(tmp_path, data, "train.epochs=1")
     train(params)
-    last = tmp_path / "train" / "checkpoints" / "last.pt"
+    last = tmp_path / "train" / files.CHECKPOINTS / files.LAST
     raw = bytearray(last.read_bytes())
     if damage == "truncate":
         raw = raw[: len(raw) // 2]
@@ -314,7 +252,7 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_pa
                          "train.max_bad_steps=5")
     with pytest.raises(NonFiniteLossError) as info:
         train(params)
-    last = tmp_path / "train" / "checkpoints" / "last.pt"
+    last = tmp_path / "train" / files.CHECKPOINTS / files.LAST
     assert "train.max_bad_steps" in str(info.value) and str(last) in str(info.value)
     saved = ckpt.load(last)
     assert saved["progress"]["epoch"] == 1  # 21 steps of epoch 1 were good
@@ -336,10 +274,12 @@ def test_out_of_memory_halves_the_batch_and_goes_on(tmp_path, data):
                          "train.epochs=2")
     result = train(params)
     assert result.batch_size == 16 and result.epochs == 2
-    saved = ckpt.load(tmp_path / "train" / "checkpoints" / "last.pt")
+    saved = ckpt.load(tmp_path / "train" / files.CHECKPOINTS / files.LAST)
     assert saved["progress"]["batch_size"] == 16  # a resumed run keeps the smaller batch
     # Every image was still seen once per epoch: 1295 images at 16 per step.
     assert saved["progress"]["step"] == 2 * -(-1295 // 16)
+    # The test split's drift reference was scored at the halved batch too.
+    assert ckpt.load(Path(result.model_path))["reference"]["n"] > 0
 
 
 def test_out_of_memory_at_the_smallest_batch_is_a_clear_error(tmp_path, data):
@@ -361,7 +301,7 @@ def test_frozen_epochs_train_only_the_head(tmp_path, data):
 
     class Snapshot:
         def on_epoch_end(self, epoch, metrics):
-            seen[epoch] = weights(tmp_path / "train" / "checkpoints" / "last.pt", "model")
+            seen[epoch] = weights(tmp_path / "train" / files.CHECKPOINTS / files.LAST, "model")
 
         def on_train_end(self, result):
             seen["result"] = result
@@ -389,7 +329,7 @@ def test_a_checkpoint_with_other_classes_gets_a_new_head(tmp_path, data):
         ckpt.init_from(source, "lenet5", kwargs, ["a", "b", "c"])
     # A URI with a scheme goes through MLflow's artifact download (file: needs no server).
     downloaded = ckpt.resolve_model_uri(Path(source).parent.as_uri())
-    assert downloaded.name == "model.pt"
+    assert downloaded.name == files.MODEL
     assert torch.equal(weights(downloaded)["fc.weight"], saved["fc.weight"])
 
 
@@ -398,7 +338,7 @@ def test_no_weight_decay_on_biases_and_norms(tmp_path, data, optimizer):
     params, _ = settings(tmp_path, data, f"train.optimizer={optimizer}", "model.name=cifar_cnn",
                          "train.weight_decay=0.05", "train.momentum=0.8")
     train(params)
-    opt = ckpt.load(tmp_path / "train" / "checkpoints" / "last.pt")["optimizer"]
+    opt = ckpt.load(tmp_path / "train" / files.CHECKPOINTS / files.LAST)["optimizer"]
     groups = opt["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
     buffer = "exp_avg" if optimizer == "adamw" else "momentum_buffer"  # shaped like its parameter
@@ -480,6 +420,93 @@ def test_early_stopping_ends_the_run_when_the_metric_stalls(tmp_path, data):
 
 
 # ---------------------------------------------------------------------------------------------
+# Imbalanced classes: class weights and the balanced sampler
+
+
+def test_the_balanced_sampler_draws_every_class_equally_from_seed_and_epoch_alone():
+    labels = np.array([0] * 100 + [1] * 10 + [2] * 3 + [4] * 7)  # class 3 has no image
+    order = BalancedOrder(labels)
+    first = order(0, 1)
+    assert len(first) == len(labels) and first.dtype == torch.int64  # epochs keep their length
+    assert torch.equal(first, order(0, 1)) and torch.equal(first, BalancedOrder(labels)(0, 1))
+    assert not torch.equal(first, order(0, 2)) and not torch.equal(first, order(1, 1))
+    counts = np.bincount(labels[first.numpy()], minlength=5)
+    assert counts[3] == 0 and counts[[0, 1, 2, 4]].max() - counts[[0, 1, 2, 4]].min() <= 1
+    # Under DDP every rank draws this same order and takes its share of each global batch.
+    for batch in first.split(16):
+        assert torch.equal(torch.cat([share(batch, r, 3) for r in range(3)]), batch)
+
+
+def test_weighted_cross_entropy_weighs_each_sample_by_its_targets_classes():
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(8, 4, generator=g), torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    w = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    num, den = weighted_cross_entropy(logits, y, w)
+    assert num / den == pytest.approx(F.cross_entropy(logits, y, weight=w).item(), rel=1e-6)
+    # Weights of 1 are the plain loss, label smoothing and soft (mixup) targets included.
+    soft = torch.softmax(torch.randn(8, 4, generator=g), 1)
+    for target in (y, soft):
+        num, den = weighted_cross_entropy(logits, target, torch.ones(4), label_smoothing=0.1)
+        plain = F.cross_entropy(logits, target, label_smoothing=0.1)
+        assert num / den == pytest.approx(plain.item(), rel=1e-6)
+    # A mixed pair weighs its classes' weights in the pair's proportions; normalised by the sum.
+    mixed = torch.tensor([[0.7, 0.0, 0.0, 0.3]])
+    num, den = weighted_cross_entropy(logits[:1], mixed, w)
+    assert den.item() == pytest.approx(0.7 * 1.0 + 0.3 * 3.0)
+    assert (num / den).item() == pytest.approx(F.cross_entropy(logits[:1], mixed).item())
+
+
+def test_class_weights_balanced_or_by_name_and_unknown_names_refused(tmp_path, data):
+    manifest = read_manifest(data / "prepared")
+    counts = np.array([manifest["counts"]["train"][c] for c in class_names(manifest)])
+    balanced = class_weights(Train(class_weights="balanced"), manifest)
+    assert np.allclose(balanced, counts.sum() / (len(counts) * counts))  # scikit-learn's
+    assert class_weights(Train(class_weights={3: 2.5}), manifest) == [1.0] * 3 + [2.5] + [1.0] * 6
+    assert class_weights(Train(), manifest) is None
+    params, _ = settings(tmp_path, data, "train.class_weights={cat: 2, 3: 1, dog: 0.5}")
+    with pytest.raises(UserError, match="train.class_weights names classes the data does not "
+                                        "have: cat, dog; its classes are 0, 1, 2"):
+        train(params)
+    assert not (tmp_path / "train").exists()  # refused before any work
+
+
+def test_the_balanced_sampler_trains_alike_on_resident_and_streamed_data(tmp_path, data):
+    results = []
+    for budget in (4096, 0):
+        params, _ = settings(tmp_path / str(budget), data, "train.sampler=balanced",
+                             "train.class_weights={0: 2}", f"train.device_data_mb={budget}")
+        results.append(train(params))
+    a, b = (weights(Path(r.model_path)) for r in results)
+    for name in a:  # the same images per step; a streamed batch reads its rows in sorted order
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-5), name
+    rows = [history(Path(r.model_path).parent)[0] for r in results]
+    assert rows[0]["train_loss"] == pytest.approx(rows[1]["train_loss"], abs=1e-5)
+
+
+def test_balanced_training_lifts_the_rare_classes(imbalanced, tmp_path):
+    """The benchmark's case on its seed 0 (bench/bench_imbalance.py, 6 epochs; bench/RESULTS.md):
+    there balanced accuracy rose by at least 0.058 (weights) and 0.205 (sampler) on every seed,
+    and the reduced classes' mean recall by at least 0.24 and 0.70; half of that is asked here."""
+    got = {}
+    for mode, extra in {"none": {}, "weights": {"class_weights": "balanced"},
+                        "sampler": {"sampler": "balanced"}}.items():
+        params = validate({
+            "paths": {"prepared": str(imbalanced / "prepared"),
+                      "augment": str(imbalanced / "augment"), "train": str(tmp_path / mode)},
+            "train": {"epochs": 6, "seed": 0, "device": "cpu", **extra}})
+        model, meta = ckpt.load_model(Path(train(params).model_path))
+        test = load_split(imbalanced / "prepared", "test")
+        pred = score(model, meta, test.x, torch.device("cpu")).argmax(1)
+        recall = recall_score(test.y, pred, average=None)
+        got[mode] = (balanced_accuracy_score(test.y, pred),
+                     np.mean([recall[meta["classes"].index(c)] for c in REDUCED]))
+    (ba, rare) = got["none"]
+    for mode, (ba_gain, rare_gain) in {"weights": (0.029, 0.12), "sampler": (0.10, 0.35)}.items():
+        assert got[mode][0] - ba > ba_gain, (mode, got)
+        assert got[mode][1] - rare > rare_gain, (mode, got)
+
+
+# ---------------------------------------------------------------------------------------------
 # Settings
 
 
@@ -506,8 +533,13 @@ def test_settings_this_machine_cannot_run_are_refused(tmp_path, data, override, 
     ("train.batch_sise=32", "train.batch_sise"),
     ("train.devices=3", "train.devices"),  # the global batch of 64 does not split in 3
     ("model.checkpoint=x.pt", "pretrained"),
+    ("train.class_weights=sometimes", "train.class_weights"),
+    ("train.class_weights={3: -1}", "train.class_weights.3"),
+    ("train.sampler=oversample", "train.sampler"),
+    ("train.sampler=balanced", "class_weights and sampler are both balanced"),
 ])
 def test_bad_settings_are_rejected_naming_the_key(tmp_path, data, override, key):
     extra = ["model.pretrained=true"] if override.startswith("model.checkpoint") else []
+    extra += ["train.class_weights=balanced"] if override == "train.sampler=balanced" else []
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
         settings(tmp_path, data, override, *extra)

@@ -1,0 +1,284 @@
+"""The inner loop: a typo or a missing data folder is refused by every command line before torch,
+timm, mlflow or scikit-learn is imported, with the message the step itself gives; a built-in model
+is made without timm yet stays in timm's registry; a step run as a program skips the interpreter's
+last collections but not its exit handlers; the worker's pull step installs the lock only
+when it changed; `make stack-down` stops what the stack started, worker first, SIGKILL after the
+grace period. Timings are bench/bench_loop.py's, never asserted here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.params import ParamsError, load_params
+
+PROJECT = Path(__file__).resolve().parents[1]
+HEAVY = {"torch", "timm", "torchvision", "mlflow", "sklearn", "matplotlib", "prefect"}
+ENTRY_POINTS = {  # every `python -m` entry point, with what its real command line needs besides
+    "components.prepare": [],
+    "components.augment": [],
+    "components.train": [],
+    "components.evaluate": [],
+    "components.register": [],
+    "components.export": [],
+    "components.predict": ["--folder", "inbox"],
+    "flows.pipeline": [],
+    "flows.sweep": [],
+}
+
+
+def command_line(cwd: Path, *args: str) -> tuple[int, str, set[str]]:
+    """`python -X importtime args` in a fresh interpreter: exit code, what it said on stderr, and
+    the top-level packages it imported."""
+    done = subprocess.run([sys.executable, "-X", "importtime", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+    said, imported = [], set()
+    for line in done.stderr.splitlines():
+        if line.startswith("import time:"):
+            imported.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+        else:
+            said.append(line)
+    return done.returncode, "\n".join(said), imported
+
+
+def in_process_error(main, argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+@pytest.mark.parametrize("override", ["train.optimizer=adam", "train.optimiser=adamw"])
+def test_a_bad_setting_is_refused_before_any_heavy_import(tmp_path, monkeypatch, module,
+                                                          override):
+    (tmp_path / "params.yaml").write_text("")
+    monkeypatch.chdir(tmp_path)
+    code, said, imported = command_line(tmp_path, "-m", module, *ENTRY_POINTS[module],
+                                        "--set", override)
+    with pytest.raises(ParamsError) as expected:
+        load_params("params.yaml", [override])
+    assert code == 2 and said == f"error: {expected.value}", said
+    assert not imported & HEAVY, f"{module} imported {sorted(imported & HEAVY)} before refusing"
+
+
+def test_the_import_check_sees_a_heavy_import(tmp_path):
+    """The check above can fail: a step's module itself imports torch."""
+    code, _, imported = command_line(tmp_path, "-c", "import components.train")
+    assert code == 0 and "torch" in imported
+
+
+def test_missing_data_is_refused_with_the_steps_own_message(tmp_path, capsys, monkeypatch):
+    from components import augment, prepare
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"paths": {"prepared": "nothing"}}))
+    folder = ["--set", "data.source=imagefolder", "--set", "data.image_size=32",
+              "--set", "data.root=no/such/folder"]
+    monkeypatch.chdir(tmp_path)
+    for step, main, args in (("prepare", prepare.main, folder), ("augment", augment.main, [])):
+        code, said, imported = command_line(tmp_path, "-m", f"components.{step}", *args)
+        assert code == 2 and said == in_process_error(main, args, capsys), said
+        assert not imported & HEAVY, f"{step} imported {sorted(imported & HEAVY)}"
+
+
+def test_help_and_good_settings_pass_the_preflight(tmp_path):
+    # No params.yaml here: --help must still show the step's own help, not a settings error.
+    done = subprocess.run([sys.executable, "-m", "components.prepare", "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--params" in done.stdout
+    assert done.stdout.startswith("usage: python -m components.prepare ")
+    # A valid command runs the step itself: prepare writes its data.
+    (tmp_path / "params.yaml").write_text("")
+    done = subprocess.run([sys.executable, "-m", "components.prepare"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["counts"]["train"] > 0
+    assert json.loads(done.stdout)["seconds"] > 0  # the step's own work, timed
+
+
+# Imported by the interpreter before `-m` loads anything, so its exit handler is registered before
+# the preflight's and runs after it.
+SITECUSTOMIZE = """
+import atexit, gc, sys
+atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0, file=sys.stderr))
+"""
+
+
+def test_a_step_as_a_program_skips_the_last_collections_and_still_runs_exit_handlers(
+        tmp_path, monkeypatch, capsys):
+    import gc
+
+    from components import prepare
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site/sitecustomize.py").write_text(SITECUSTOMIZE)
+    (tmp_path / "params.yaml").write_text("")
+    path = os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-m", "components.prepare"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": path}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["counts"]["train"] > 0
+    assert "frozen at exit: True" in done.stderr
+    # Called in-process (a flow's task, a test), a step leaves the collector as it was.
+    monkeypatch.chdir(tmp_path)
+    prepare.main([])
+    assert json.loads(capsys.readouterr().out)["counts"]["train"] > 0
+    assert gc.get_freeze_count() == 0
+
+
+# --- built-ins without timm ---------------------------------------------------------------------
+
+BUILTIN_SCRIPT = """
+import sys, importlib.util
+import components.models as m
+import torch
+model = m.create_model("resnet_cifar" if "{order}" == "resnet" else "simple_cnn", num_classes=3,
+                       in_chans=1, img_size=8)
+before = {order!r} != "resnet" and "timm" in sys.modules
+importlib.util.find_spec("timm")  # a look-up loads nothing and keeps the hook
+import timm
+made = timm.create_model("lenet5", num_classes=3, in_chans=1)
+print(before, sorted(n for n in m.BUILTINS if timm.is_model(n)) == sorted(m.BUILTINS),
+      made(torch.randn(2, 1, 32, 32)).shape == (2, 3))
+"""
+
+
+@pytest.mark.parametrize("order", ["builtin-first", "resnet"])
+def test_builtins_are_made_without_timm_and_registered_when_timm_comes(order):
+    done = subprocess.run([sys.executable, "-c", BUILTIN_SCRIPT.format(order=order)],
+                          cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # simple_cnn: no timm at all; resnet_cifar: its blocks are timm's, and timm came with them.
+    assert done.stdout.split() == ["False", "True", "True"]
+
+
+def test_metrics_are_the_same_as_with_timms_create_model(digits, tmp_path, monkeypatch):
+    """metrics.json of a digits model made directly equals that of one made by timm's
+    create_model (how every built-in was made before), byte for byte."""
+    import timm
+
+    from components import files, models
+    from components.evaluate import evaluate
+    from components.train import train
+
+    out = {}
+    for how in ("direct", "timm"):
+        if how == "timm":
+            monkeypatch.setattr(models, "_builtin", lambda name, pretrained, **kwargs:
+                                timm.create_model(name, pretrained=pretrained, **kwargs))
+        params = load_params(digits / "basic.yaml", [
+            f"paths.train={tmp_path / how / 'train'}", f"paths.evaluate={tmp_path / how / 'ev'}",
+            "train.epochs=2", "evaluate.mistakes=4"])
+        train(params)
+        evaluate(params)
+        out[how] = (tmp_path / how / "ev" / files.METRICS).read_bytes()
+    assert out["direct"] == out["timm"]
+
+
+# --- the pull step ------------------------------------------------------------------------------
+
+FAKE_PYTHON = """#!/bin/sh
+# Stands in for the worker's interpreter: its prefix, and pip's calls written down, not run.
+if [ "$1" = "-c" ]; then echo "$FAKE_PREFIX"; else echo "$*" >> "$FAKE_PREFIX/calls"; fi
+"""
+
+
+def test_the_pull_step_installs_the_lock_only_when_it_changed(tmp_path):
+    from prefect.deployments.steps import run_shell_script
+
+    step = next(s["prefect.deployments.steps.run_shell_script"] for s in yaml.safe_load(
+        (PROJECT / "prefect.yaml").read_text())["pull"]
+        if "requirements.lock" in str(s.get("prefect.deployments.steps.run_shell_script")))
+    clone, prefix, bin_ = tmp_path / "clone", tmp_path / "env", tmp_path / "bin"
+    for folder in (clone, prefix, bin_):
+        folder.mkdir()
+    (bin_ / "python").write_text(FAKE_PYTHON)
+    (bin_ / "python").chmod(0o755)
+    env = {"PATH": f"{bin_}:{os.environ['PATH']}", "FAKE_PREFIX": str(prefix)}
+
+    def pull() -> str:
+        kwargs = {k: v for k, v in step.items() if k != "directory"}
+        return asyncio.run(run_shell_script(**kwargs, directory=str(clone), env=env))["stdout"]
+
+    calls = prefix / "calls"
+    (clone / "requirements.lock").write_text("torch==2.14.0\n")
+    pull()
+    assert calls.read_text().splitlines() == ["-m pip install --quiet -r requirements.lock"]
+    assert "has requirements.lock installed" in pull()  # the same lock: no pip at all
+    assert len(calls.read_text().splitlines()) == 1
+    (clone / "requirements.lock").write_text("torch==2.15.0\n")
+    pull()
+    assert len(calls.read_text().splitlines()) == 2
+
+
+# --- make stack-down ----------------------------------------------------------------------------
+
+STUBBORN = "trap '' TERM; sleep 300 & setsid sleep 301 & wait"  # ignores SIGTERM; a child session
+
+
+def test_stack_down_stops_worker_first_and_kills_what_outlives_the_grace(tmp_path):
+    (tmp_path / ".stack").mkdir()
+    shutil.copy(PROJECT / "Makefile", tmp_path / "Makefile")
+    started = {"worker": ["sh", "-c", STUBBORN], "mlflow": ["sleep", "302"]}
+    procs = {name: subprocess.Popen(cmd, start_new_session=True) for name, cmd in started.items()}
+    for name, proc in procs.items():
+        (tmp_path / ".stack" / f"{name}.pid").write_text(str(proc.pid))
+    (tmp_path / ".stack/prefect-server.pid").write_text(str(_a_dead_pid()))
+    time.sleep(0.5)  # the worker's shell has started its children
+    sessions = [_session_pids(p.pid) for p in procs.values()]
+    try:
+        # As from a user's shell: under `make test` the inherited MAKELEVEL would make this
+        # make print "Entering directory" lines around its output.
+        make_vars = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")
+        shell = {k: v for k, v in os.environ.items() if k not in make_vars}
+        done = subprocess.run(["make", "stack-down", "STOP_GRACE_S=1"], cwd=tmp_path, env=shell,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert lines[0].startswith(f"killed worker (pid {procs['worker'].pid}, 3 processes)")
+        assert lines[1] == f"stopped mlflow (pid {procs['mlflow'].pid}, 1 process)"
+        assert lines[2].startswith("prefect-server") and "was not running" in lines[2]
+        for proc in procs.values():
+            proc.wait(timeout=10)
+        assert not [pid for pids in sessions for pid in pids if _running(pid)]
+        assert not list((tmp_path / ".stack").glob("*.pid"))
+    finally:
+        for pid in [p for pids in sessions for p in pids]:
+            if _running(pid):
+                os.kill(pid, 9)
+
+
+def _session_pids(pid: int) -> list[int]:
+    """pid and its descendants (their sessions are what stack-down stops)."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def _running(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _a_dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid

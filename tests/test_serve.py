@@ -1,0 +1,248 @@
+"""The served model: the registered champion served by `mlflow models serve` (a real process on a
+free loopback port) answers image files and arrays with the class names components.predict gives
+the same images, and every bad request with a 4xx that holds our message, no traceback and none
+of the request, and goes on answering. The request checks alone, without a server, first."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components import files
+from components.params import ParamsError, Predict
+from components.prepared import load_split
+from components.serve import BadRequest, limits, pixels, request_items, table
+from tests.formats import png_bilevel
+from tests.projects import tracking_into
+from tests.servers import model_server
+
+LIMITS = Predict(max_batch=4, max_request_mb=0.01)
+IMAGE = base64.b64encode(b"\x89PNG not really").decode()
+
+
+# --- the request checks --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body, content_type, status, message", [
+    (b"x" * 10_001, "application/json", 413, "over the served model's limit of 0.01 MB"),
+    (b'{"inputs": []}', "text/csv", 415, "application/json"),
+    (b"", "application/json", 400, "the request is empty"),
+    (b"{'inputs'", "application/json", 400, "not valid JSON"),
+    (b"\xff\xfe\xfa", "application/json", 400, "not UTF-8"),
+    (b"[1, 2]", "application/json", 400, "exactly one of the keys"),
+    (b'{"inputs": [], "instances": []}', "application/json", 400, "exactly one of the keys"),
+    (b'{"inputs": []}', "application/json", 400, "holds no images"),
+    (b'{"inputs": {"picture": ["a"]}}', "application/json", 400, "no column 'image'"),
+    (b'{"dataframe_split": {"columns": ["x"], "data": [["a"]]}}', "application/json", 400,
+     "no column 'image'"),
+    (b'{"dataframe_records": [{"image": "a"}, {"x": 1}]}', "application/json", 400,
+     "every record"),
+    (json.dumps({"inputs": {"image": [IMAGE] * 5}}).encode(), "application/json", 413,
+     "5 images, more than the served model's max_batch of 4"),
+])
+def test_a_bad_request_is_named(body, content_type, status, message):
+    with pytest.raises(BadRequest, match=message) as err:
+        request_items(body, content_type, LIMITS)
+    assert err.value.status == status
+    assert IMAGE not in err.value.message and "x" * 20 not in err.value.message
+
+
+@pytest.mark.parametrize("body, kind, n", [
+    ({"inputs": {"image": [IMAGE, IMAGE]}}, "files", 2),
+    ({"inputs": {"image": IMAGE}}, "files", 1),
+    ({"instances": [{"image": IMAGE}]}, "files", 1),
+    ({"dataframe_records": [{"image": IMAGE}] * 3}, "files", 3),
+    ({"dataframe_split": {"columns": ["id", "image"], "data": [[7, IMAGE]]}}, "files", 1),
+    ({"inputs": [[[[0]]], [[[1]]]]}, "arrays", 2),
+])
+def test_every_mlflow_json_form_is_read(body, kind, n):
+    found, items = request_items(json.dumps(body).encode(), "application/json; charset=utf-8",
+                                 LIMITS)
+    assert found == kind and len(items) == n
+
+
+@pytest.mark.parametrize("images, message", [
+    ([[[[0]]], [[0, 1]]], "ragged"),
+    (np.zeros((2, 8, 8, 1)).tolist(), "floating-point"),
+    ([[[["a"]]]], "text"),
+    (np.zeros((2, 8, 8)).astype(int).tolist(), "shape 2×8×8;"),
+    (np.zeros((1, 7, 8, 1), int).tolist(), "shape 1×7×8×1"),
+    (np.full((1, 8, 8, 1), 256).tolist(), "outside 0..255"),
+])
+def test_bad_arrays_are_named(images, message):
+    with pytest.raises(BadRequest, match=message):
+        pixels(images, (8, 8, 1))
+
+
+def test_arrays_become_uint8_and_rows_rank_the_classes():
+    assert pixels(np.full((2, 8, 8, 1), 255).tolist(), (8, 8, 1)).dtype == np.uint8
+    rows = table(np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]], np.float32), ["a", "b", "c"], 2)
+    assert list(rows["class"]) == ["b", "a"]
+    assert rows["top_k"][0] == [{"class": "b", "probability": pytest.approx(0.7)},
+                                {"class": "c", "probability": pytest.approx(0.2)}]
+    assert rows["probabilities"][1] == pytest.approx([0.5, 0.2, 0.3])
+
+
+def test_limits_are_validated_like_the_settings():
+    assert limits({"predict.max_batch": 8}).max_batch == 8
+    assert limits({}).top_k == 5  # the settings' defaults
+    with pytest.raises(ParamsError, match=r"predict\.max_batch = 0"):
+        limits({"predict.max_batch": 0})
+    with pytest.raises(ParamsError, match=r"unknown keys \['max_batch'\]"):
+        limits({"max_batch": 8})  # not the setting's name
+
+
+# --- the real server -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(registered, tmp_path_factory):
+    """The champion served by `mlflow models serve` from a folder outside the project, without
+    the project on PYTHONPATH: the model's own code answers."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MLFLOW_TRACKING_URI"] = registered.mlflow
+    root = tmp_path_factory.mktemp("served")
+    with model_server(f"models:/{registered.name}@champion", root, env) as url:
+        yield url
+
+
+def post(url: str, body: bytes | dict, content_type: str = "application/json"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=data,
+                                     headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def png(image: np.ndarray | Image.Image, fmt: str = "PNG") -> bytes:
+    out = io.BytesIO()
+    image = image if isinstance(image, Image.Image) else Image.fromarray(image[..., 0])
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.mark.slow  # a model server, a tracking server and a trained model
+def test_served_champion_names_the_classes_predict_names(served, registered, tmp_path):
+    from components.predict import predict
+
+    test = load_split(registered.params.paths.prepared, "test")
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    blobs = {f"{i:03d}.png": png(test.x[i]) for i in range(40)}
+    big = Image.fromarray(test.x[0][..., 0]).resize((37, 53)).convert("RGB")
+    blobs["big.jpg"] = png(big, "JPEG")  # another size, mode and format
+    for name, data in blobs.items():
+        (folder / name).write_bytes(data)
+    with tracking_into(registered.mlflow):
+        result = predict(registered.params, folder)  # models:/<name>@champion, as served
+    with open(result.predictions, newline="") as f:
+        expected = {row["path"]: row for row in csv.DictReader(f)}
+
+    names = sorted(blobs)[:registered.params.predict.max_batch]
+    status, body = post(served, {"inputs": {"image": [b64(blobs[n]) for n in names]}})
+    assert status == 200, body
+    rows = json.loads(body)["predictions"]
+    assert [r["class"] for r in rows] == [expected[n]["class"] for n in names]
+    assert np.allclose([r["confidence"] for r in rows],
+                       [float(expected[n]["confidence"]) for n in names], atol=1e-5)
+    k = registered.params.predict.top_k
+    for row in rows:
+        assert len(row["top_k"]) == k and row["top_k"][0]["class"] == row["class"]
+        assert len(row["probabilities"]) == 10 and abs(sum(row["probabilities"]) - 1) < 1e-5
+
+    # The same images as uint8 arrays (the PNGs hold exactly these pixels), and as records.
+    arrays = np.asarray(test.x[:20]).tolist()
+    status, body = post(served, {"inputs": arrays})
+    assert status == 200, body
+    assert [r["class"] for r in json.loads(body)["predictions"]] == \
+        [expected[f"{i:03d}.png"]["class"] for i in range(20)]
+    status, body = post(served, {"dataframe_records": [{"image": b64(blobs["big.jpg"])}]})
+    assert status == 200 and json.loads(body)["predictions"][0]["class"] == \
+        expected["big.jpg"]["class"]
+
+
+@pytest.mark.slow  # a model server, a tracking server and a trained model
+def test_the_input_example_the_registry_shows_is_answered(served, registered):
+    import mlflow
+
+    with tracking_into(registered.mlflow):
+        local = mlflow.artifacts.download_artifacts(f"models:/{registered.name}@champion")
+    example = json.loads(next(Path(local).glob("serving_input_example.json")).read_text())
+    status, body = post(served, example)
+    assert status == 200 and len(json.loads(body)["predictions"]) == 2
+
+
+@pytest.mark.slow  # a model server, a tracking server and a trained model
+def test_bad_requests_get_a_4xx_without_traceback_or_payload(served, registered):
+    test = load_split(registered.params.paths.prepared, "test")
+    good = png(test.x[0])
+    marker = b64(b"PAYLOAD-MARKER " * 4)
+    cases = {  # name: (body, content type, status, words of the message)
+        "undecodable bytes": ({"inputs": {"image": [marker]}}, None, 400, "not_an_image"),
+        "truncated PNG": ({"inputs": {"image": [b64(good[:40])]}}, None, 400, "image 0"),
+        "not base64": ({"inputs": {"image": [marker[:-3] + "!!"]}}, None, 400, "base64"),
+        "wrong shape": ({"inputs": np.zeros((2, 5, 5, 1), int).tolist()}, None, 400, "shape"),
+        "wrong dtype": ({"inputs": (np.asarray(test.x[:2]) / 255).tolist()}, None, 400,
+                        "floating-point"),
+        "empty body": (b"", None, 400, "empty"),
+        "no images": ({"inputs": {"image": []}}, None, 400, "no images"),
+        "decompression bomb": ({"inputs": {"image": [b64(png_bilevel(9500, 9500))]}}, None, 400,
+                               "decompression_bomb"),
+        "over max_batch": ({"inputs": {"image": [b64(good)] * 33}}, None, 413, "max_batch"),
+        "over the size limit": ({"inputs": {"image": [marker * 20_000]}}, None, 413,
+                                "max_request_mb"),
+        "not JSON": (b"PAYLOAD-MARKER {", None, 400, "not valid JSON"),
+        "CSV": (b"image\nPAYLOAD-MARKER", "text/csv", 415, "application/json"),
+    }
+    for name, (body, content_type, status, words) in cases.items():
+        got, reply = post(served, body, content_type or "application/json")
+        assert got == status, f"{name}: {got} {reply[:500]}"
+        answer = json.loads(reply)
+        assert set(answer) == {"error_code", "message"}, name
+        assert words in answer["message"], f"{name}: {answer['message']}"
+        sent = body if isinstance(body, bytes) else json.dumps(body).encode()
+        for piece in ("Traceback", 'File "', "PAYLOAD-MARKER", marker[:16], sent[:40].decode()):
+            assert not piece or piece not in reply, f"{name}: {piece!r} in {reply[:500]}"
+        with urllib.request.urlopen(f"{served}/ping", timeout=30) as ping:
+            assert ping.status == 200, name
+    status, _ = post(served, {"inputs": {"image": [b64(good)]}})
+    assert status == 200  # still answering images after all that
+
+
+@pytest.mark.slow  # a tracking server and a trained model
+def test_the_pyfunc_in_python_and_what_register_logged(registered):
+    import mlflow
+    import pandas as pd
+
+    uri = f"models:/{registered.name}/{registered.version}"
+    with tracking_into(registered.mlflow):
+        info = mlflow.models.get_model_info(uri)
+        model = mlflow.pyfunc.load_model(uri)  # runs the model's code: a registry we own
+        local = Path(mlflow.artifacts.download_artifacts(uri))
+    assert info.signature.inputs.input_names() == ["image"]
+    assert info.metadata["classes"] == [str(d) for d in range(10)]
+    # conftest's SERVED under the settings' names, which are also the run's params
+    assert model.model_config == {"predict.top_k": 3, "predict.max_batch": 32,
+                                  "predict.max_request_mb": 1.0}
+    test = load_split(registered.params.paths.prepared, "test")
+    rows = model.predict(pd.DataFrame({"image": [png(x) for x in test.x[:5]]}))
+    arrays = model.unwrap_python_model().classify(np.asarray(test.x[:5]))
+    assert list(rows["class"]) == list(arrays["class"])
+    assert (local / "artifacts" / files.MODEL).is_file()  # what the gate and predict read
