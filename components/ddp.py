@@ -179,15 +179,17 @@ def _model_module(name: str) -> str | None:
 
 
 def _follow(proc: subprocess.Popen, out: Path, callbacks: Sequence[Any]) -> int | None:
-    """Hand history rows to the callbacks as rank 0 writes them, until the workers end; the
-    last epoch delivered (None: rank 0 had not said where it started)."""
+    """Hand history rows to the callbacks as rank 0 writes them, until the workers end, and once
+    more after: a failed run's last epochs reach them too (each row has its checkpoint: train
+    writes history.json after last.pt). The last epoch delivered (None: rank 0 had not said
+    where it started)."""
     delivered, seen = None, None
     while True:
         try:
             proc.wait(timeout=POLL_S)
-            return delivered
+            ended = True
         except subprocess.TimeoutExpired:
-            pass
+            ended = False
         said = out / files.DDP / files.STARTED
         if delivered is None and said.exists():
             delivered = json.loads(said.read_text())["resumed_from"]
@@ -197,6 +199,8 @@ def _follow(proc: subprocess.Popen, out: Path, callbacks: Sequence[Any]) -> int 
         if delivered is not None and stamp != seen:
             seen = stamp
             delivered = _deliver(out, delivered, None, callbacks)
+        if ended:
+            return delivered
 
 
 def started(callbacks: Sequence[Any], resumed_from: int) -> None:

@@ -24,7 +24,7 @@ import torch
 from mlflow import MlflowClient
 
 from components import checkpoint as ckpt
-from components import files
+from components import ddp, files
 from components.params import load_params
 from components.train import train
 from tests.conftest import FAULT_ENV
@@ -190,3 +190,30 @@ def test_a_hung_rank_ends_the_run_after_the_collective_timeout(tmp_path, data):
     assert "failed on rank 0: " in error and "lost touch with another rank" in error
     assert ckpt.load(tmp_path / "train" / files.CHECKPOINTS / files.LAST)["progress"]["epoch"] == 1
 
+
+class Heard:
+    """What train's callbacks (the MLflow tracker among them) hear from the parent."""
+
+    def __init__(self):
+        self.start, self.epochs = None, []
+
+    def on_train_start(self, resumed_from: int) -> None:
+        self.start = resumed_from
+
+    def on_epoch_end(self, epoch: int, row: dict) -> None:
+        self.epochs.append(epoch)
+
+
+def test_epochs_written_just_before_the_workers_fail_still_reach_the_callbacks(tmp_path):
+    """Stand-in workers (a real process) say where they start, finish epochs 1 and 2 and fail
+    at once, between two of the parent's looks (ddp.POLL_S apart): the parent hands on both
+    epochs before it reports the failure, so a resumed run's metrics have no gap."""
+    write = ("import json, pathlib, sys; out = pathlib.Path(sys.argv[1]); "
+             "(out / 'ddp').mkdir(parents=True); "
+             f"(out / 'ddp' / {files.STARTED!r}).write_text(json.dumps({{'resumed_from': 0}})); "
+             f"(out / {files.HISTORY!r}).write_text(json.dumps([{{'epoch': 1}}, {{'epoch': 2}}])); "
+             "sys.exit(1)")
+    heard = Heard()
+    proc = subprocess.Popen([sys.executable, "-c", write, str(tmp_path)])
+    assert ddp._follow(proc, tmp_path, [heard]) == 2
+    assert proc.returncode == 1 and heard.start == 0 and heard.epochs == [1, 2]
