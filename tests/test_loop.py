@@ -235,7 +235,9 @@ def test_stack_down_stops_worker_first_and_kills_what_outlives_the_grace(tmp_pat
     for name, proc in procs.items():
         (tmp_path / ".stack" / f"{name}.pid").write_text(str(proc.pid))
     (tmp_path / ".stack/prefect-server.pid").write_text(str(_a_dead_pid()))
-    time.sleep(0.5)  # the worker's shell has started its children
+    deadline = time.monotonic() + 60  # the worker's shell has started both its children
+    while len(_session_pids(procs["worker"].pid)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
     sessions = [_session_pids(p.pid) for p in procs.values()]
     try:
         # As from a user's shell: under `make test` the inherited MAKELEVEL would make this
