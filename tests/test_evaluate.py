@@ -331,8 +331,9 @@ def test_entry_point_runs_from_the_command_line(tmp_path, capsys):
     params = write_simple_cnn_case(tmp_path)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "components.evaluate", "--params", str(params)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": store})
+    # Run from the test's folder: MLflow keeps a SQLite store's artifacts under ./mlruns.
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["n_test"] == 40 and 0.0 <= summary["accuracy"] <= 1.0
