@@ -16,6 +16,7 @@ normalisation. `load_model(path)` rebuilds it:
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import re
 from pathlib import Path
@@ -139,6 +140,25 @@ def prepare_input(images, meta: dict[str, Any], device=None) -> torch.Tensor:
     return torch.addcmul(shift, x.float(), scale)
 
 
+@torch.inference_mode()
+def score(model: torch.nn.Module, meta: dict, images: np.ndarray, device: torch.device,
+          batch_size: int = 512, tta_flip: bool = False) -> np.ndarray:
+    """Log-probabilities (N×classes, float32) of uint8 N×H×W×C images (an array or memory map).
+
+    With `tta_flip`, the softmax of each image and of its mirror image are averaged.
+    """
+    out = [np.empty((0, len(meta["classes"])), np.float32)]
+    for i in range(0, len(images), batch_size):
+        # A copy: a read-only memory map would make torch warn, and batches are small.
+        x = prepare_input(np.array(images[i:i + batch_size]), meta, device)
+        logp = torch.log_softmax(model(x).float(), dim=1)
+        if tta_flip:
+            mirrored = torch.log_softmax(model(x.flip(-1)).float(), dim=1)
+            logp = torch.logaddexp(logp, mirrored) - math.log(2.0)  # log of the mean softmax
+        out.append(logp.cpu().numpy())
+    return np.concatenate(out)
+
+
 class Classifier(torch.nn.Module):
     """uint8 N×H×W×C images in, class probabilities out: the training normalisation travels
     inside the model (the register gate scores it, the ONNX export exports it)."""
@@ -184,6 +204,19 @@ def load_model(
     model = models.create_model(meta["model"]["name"], pretrained=False, **meta["model"]["kwargs"])
     model.load_state_dict(saved["state_dict"])
     return model.to(device).eval(), meta
+
+
+def check_fits(meta: dict, manifest: dict, source: str | Path) -> None:
+    """A model (the meta of model file `source`) of other data than the prepared split whose
+    `manifest` is given would score nonsense without failing: say so instead."""
+    ours = (class_names(manifest), list(manifest["image_size"]), manifest["channels"])
+    theirs = (list(meta["classes"]), list(meta["image_size"]), meta["channels"])
+    if ours != theirs:
+        raise UserError(
+            f"{source} was trained on other data ({len(theirs[0])} classes, {theirs[1]} px, "
+            f"{theirs[2]} channels) than the prepared test split ({len(ours[0])} classes, "
+            f"{ours[1]} px, {ours[2]} channels); run the pipeline again from train (dvc repro)"
+        )
 
 
 def init_from(source: str, name: str, kwargs: dict, classes: list[str]) -> torch.nn.Module:

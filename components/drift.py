@@ -109,8 +109,11 @@ class Monitor:
     def add(self, images: np.ndarray, probs: np.ndarray, seen: list) -> None:
         """A chunk: uint8 N×H×W×C images as scored, their N×classes probabilities, and what
         each file was (components.images.Seen)."""
-        x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-        self.pixels += np.stack([x.sum(0), (x * x).sum(0)])
+        # Exact integer sums: the squares of uint8 fit uint16, so no float copy of the chunk.
+        x = images.reshape(-1, images.shape[-1])
+        squares = np.square(x, dtype=np.uint16)
+        self.pixels += np.stack([x.sum(0, dtype=np.int64) / 255.0,
+                                 squares.sum(0, dtype=np.int64) / 255.0 ** 2])
         self.count += len(x)
         self.confidence.append(probs.max(1))
         self.predicted += np.bincount(probs.argmax(1), minlength=len(self.classes))
@@ -128,8 +131,8 @@ class Monitor:
             notes.append("no image was scored: nothing to judge")
         elif (ref.get("confidence") or {}).get("mean") is None:
             notes.append("the model file carries no test-split reference (written before drift "
-                         "checks, or its test split was empty): confidence_drop, low_confidence "
-                         "and class_distance are not judged; train it again to add one")
+                         "checks, or its test split was empty): the figures that need one are "
+                         "not judged (the notes below); train it again to add one")
         if self.n and ref and ref.get("tta_flip") != self.tta_flip:
             notes.append(f"confidences scored with evaluate.tta_flip = {self.tta_flip}, the "
                          f"reference with {ref.get('tta_flip')}: the confidence figures compare "

@@ -43,10 +43,10 @@ from sklearn.metrics import ConfusionMatrixDisplay, classification_report, top_k
 
 from components import drift, files, gallery
 from components.atomic import atomic_dir, write_json
-from components.checkpoint import load_model
+from components.checkpoint import check_fits, load_model, score
 from components.cli import run_step
 from components.params import Params, UserError
-from components.predict import pick_device, score
+from components.predict import pick_device
 from components.prepared import class_names, load_split, read_manifest
 
 DPI = 100
@@ -98,7 +98,7 @@ def evaluate(params: Params, tracker: Tracker | None = None) -> EvaluateResult:
     device = pick_device(cfg.device)
     model_path = Path(params.paths.train) / files.MODEL
     model, meta = load_model(model_path, device)
-    _check_model_fits(meta, manifest, names, model_path)
+    check_fits(meta, manifest, model_path)
     s = Scores(np.asarray(test.y), score(model, meta, test.x, device, cfg.batch_size, cfg.tta_flip))
     metrics, report = _metrics(s, names)
     table = _calibration(s.confidence, s.pred == s.y, cfg.calibration_bins)
@@ -134,18 +134,6 @@ def evaluate(params: Params, tracker: Tracker | None = None) -> EvaluateResult:
 def _reference(s: Scores, names: list[str], meta: dict, tta_flip: bool) -> dict[str, Any]:
     """reference.json: what model.pt carries (drift.carried), its test figures as scored here."""
     return drift.carried(meta) | {"test": drift.reference(s.logp, names, tta_flip)}
-
-
-def _check_model_fits(meta: dict, manifest: dict, names: list[str], path: Path) -> None:
-    """A model of other data would score nonsense without failing: say so instead."""
-    ours = (names, list(manifest["image_size"]), manifest["channels"])
-    theirs = (meta["classes"], list(meta["image_size"]), meta["channels"])
-    if ours != theirs:
-        raise UserError(
-            f"{path} was trained on other data ({len(theirs[0])} classes, {theirs[1]} px, "
-            f"{theirs[2]} channels) than the prepared test split ({len(names)} classes, "
-            f"{ours[1]} px, {ours[2]} channels); run the train step again (dvc repro)"
-        )
 
 
 # --- numbers -------------------------------------------------------------------------------------

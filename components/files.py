@@ -14,6 +14,8 @@ checks that no other module spells one of them, and that dvc.yaml's outputs are 
     paths.register     DECISION, MODEL_CARD                                    (register)
     paths.predictions  PREDICTIONS, QUARANTINE, DRIFT                          (predict)
     paths.export       ONNX, EXPORT                                            (export)
+    (any step folder)  PENDING: what the MLflow server did not take yet (train's, predict's, or
+                       a step's own when its inputs are read-only; components/tracking.py)
     (--out)            KFP_PIPELINE                                (flows/kfp_pipeline.py)
     paths.search       STUDY_DB; <study>/trial-<n>/ a trial's step folders, TRIAL_LOG (search)
 """

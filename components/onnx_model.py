@@ -89,7 +89,7 @@ class OnnxClassifier:
     def probabilities(self, images: np.ndarray, batch_size: int = 512,
                       tta_flip: bool = False) -> np.ndarray:
         """Class probabilities (N×classes, float32) of uint8 N×H×W×C `images`; with `tta_flip`,
-        the mean of each image's and its mirror image's, as components.predict.score does."""
+        the mean of each image's and its mirror image's, as components.checkpoint.score does."""
         out = [np.empty((0, len(self.meta["classes"])), np.float32)]
         for i in range(0, len(images), batch_size):
             x = np.ascontiguousarray(images[i:i + batch_size], dtype=np.uint8)

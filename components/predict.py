@@ -18,9 +18,10 @@ when complete:
   attach one through components.tracking, to MLFLOW_TRACKING_URI or the embedded store).
 
     python -m components.predict --folder inbox/ [--model models:/digits-classifier@champion]
-        [--top-k 5] [--params params.yaml] [--set evaluate.device=cpu ...]
+        [--params params.yaml] [--set predict.top_k=3 --set evaluate.device=cpu ...]
 
-`score` is the inference evaluate shares: log-probabilities of uint8 images, batched.
+`components.checkpoint.score` is the inference it shares with evaluate and train: log-probabilities
+of uint8 images, batched.
 
 `--model path/to/model.onnx` (an export of components/export.py, which carries the model's meta)
 scores with ONNX Runtime on the CPU instead, into the same predictions.csv.
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +40,7 @@ import torch
 
 from components import cli, drift, files
 from components.atomic import atomic_dir, write_json
-from components.checkpoint import load_model, prepare_input, resolve_model_uri
+from components.checkpoint import load_model, resolve_model_uri, score
 from components.images import BadImage, decode_seen, list_images
 from components.onnx_model import OnnxClassifier
 from components.params import Params, UserError
@@ -137,25 +137,6 @@ def _report_drift(params: Params, report: dict, result: PredictResult, uri: str,
             f"drift in {folder}: {', '.join(crossed)} crossed their thresholds (predict.fail_on_"
             f"drift is true); predictions are written to {result.predictions}, the figures to "
             f"{result.drift}", result)
-
-
-@torch.inference_mode()
-def score(model: torch.nn.Module, meta: dict, images: np.ndarray, device: torch.device,
-          batch_size: int = 512, tta_flip: bool = False) -> np.ndarray:
-    """Log-probabilities (N×classes, float32) of uint8 N×H×W×C images (an array or memory map).
-
-    With `tta_flip`, the softmax of each image and of its mirror image are averaged.
-    """
-    out = [np.empty((0, len(meta["classes"])), np.float32)]
-    for i in range(0, len(images), batch_size):
-        # A copy: a read-only memory map would make torch warn, and batches are small.
-        x = prepare_input(np.array(images[i:i + batch_size]), meta, device)
-        logp = torch.log_softmax(model(x).float(), dim=1)
-        if tta_flip:
-            mirrored = torch.log_softmax(model(x.flip(-1)).float(), dim=1)
-            logp = torch.logaddexp(logp, mirrored) - math.log(2.0)  # log of the mean softmax
-        out.append(logp.cpu().numpy())
-    return np.concatenate(out)
 
 
 def _probabilities(model, meta: dict, images: np.ndarray, device, params: Params) -> np.ndarray:

@@ -18,8 +18,10 @@ module: one place, whatever the steps import. components/__init__.py and this mo
 out of a step's code (components/step_code.py's EXCLUDED): they refuse to start a step or let it
 start, and a step that starts computes the same.
 
-Reads the settings file and, per entry point, `data.root` (prepare, for an image folder) or the
-prepared data's manifest (augment, train, evaluate, register). Writes nothing.
+Reads the settings file and, per entry point (ENTRY_POINTS), `data.root` (prepare and the flows
+that start with it, for an image folder) or the prepared data's manifest (augment, train,
+evaluate, register, export). Writes nothing. flows/__init__.py imports the components package,
+so the preflight runs once for a flow too.
 
 For every entry point it also registers `cli.quick_exit` as the process's first exit handler, so
 that it runs after all others: the process then ends without the interpreter's last garbage

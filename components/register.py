@@ -60,7 +60,7 @@ from sqlalchemy.engine import make_url
 
 from components import drift, files, serve
 from components.atomic import atomic_file, write_json
-from components.checkpoint import Classifier, load, load_model, resolve_model_uri
+from components.checkpoint import Classifier, check_fits, load_model, resolve_model_uri
 from components.cli import run_step
 from components.model_card import Version as CardVersion
 from components.model_card import model_card
@@ -231,7 +231,7 @@ def register(params: Params, tracker: Tracker) -> RegisterResult:
     decision = None if found is None else _recorded_decision(found)
     if found is None:
         info = _log_model(tracker, params, meta, test)
-        tags = _version_tags(params, tracker, metrics, scores)
+        tags = _version_tags(params, tracker, meta, metrics, scores)
         seen = _scored_champion(client, name, None, scores, test)
         with RegistryLock(client, name):  # one turn for the new version and its gate
             found = _find_version(client, name, tracker.run_id)  # a concurrent retry's
@@ -266,10 +266,8 @@ def _challenger(params: Params) -> tuple[dict[str, Any], Split, Scores]:
     if len(test.y) == 0:
         raise UserError(f"{params.paths.prepared}: the test split is empty; the gate compares "
                         "models on it: set data.test_fraction above 0")
+    check_fits(meta, manifest, Path(params.paths.train) / files.MODEL)
     classes = class_names(manifest)
-    if list(meta["classes"]) != classes:
-        raise UserError(f"{params.paths.train}/{files.MODEL} predicts {meta['classes']}, the "
-                        f"prepared data has {classes}: run train again")
     model = Classifier(net, meta)
     with torch.no_grad():
         scores = score(lambda x: model(torch.from_numpy(x)).numpy(), test, classes,
@@ -320,8 +318,8 @@ def _log_model(tracker: Tracker, params: Params, meta: dict[str, Any], test: Spl
             pip_requirements=serve.requirements())
 
 
-def _version_tags(params: Params, tracker: Tracker, metrics: dict[str, float],
-                  scores: Scores) -> dict[str, str]:
+def _version_tags(params: Params, tracker: Tracker, meta: dict[str, Any],
+                  metrics: dict[str, float], scores: Scores) -> dict[str, str]:
     run_tags = tracker.client.get_run(tracker.run_id).data.tags
     keys = ("git.commit", "git.dirty", "data.hash", "data.name", "data.test_hash", "params.hash")
     found = {k: run_tags[k] for k in keys if k in run_tags}
@@ -329,8 +327,7 @@ def _version_tags(params: Params, tracker: Tracker, metrics: dict[str, float],
     tags = {k: v for k, v in tags.items() if not k.startswith("mlflow.")}
     tags |= {"run_id": tracker.run_id, "gate.scores": json.dumps(asdict(scores))}
     # The drift reference model.pt carries, readable on the version without downloading it.
-    saved = load(Path(params.paths.train) / files.MODEL, require_hash=False, what="model file")
-    tags["drift.reference"] = json.dumps(drift.carried(saved))
+    tags["drift.reference"] = json.dumps(drift.carried(meta))
     tags |= {f"test.{k}": f"{v:.6g}" for k, v in metrics.items()}
     return tags
 
@@ -420,8 +417,9 @@ def _champion(client: MlflowClient, name: str) -> str | None:
 
 def _champion_scores(client: MlflowClient, name: str, champion: str, scores: Scores,
                      test: Split) -> tuple[Scores, bool]:
-    """The champion's scores on this test split: recorded ones when it was scored on the same
-    data, else (False) it is loaded and scored again (True)."""
+    """The champion's scores on this test split, and whether they were computed now: the
+    recorded ones when it was scored on the same data (False), else it is loaded and scored
+    again (True)."""
     raw = client.get_model_version(name, champion).tags.get("gate.scores")
     recorded = Scores(**json.loads(raw)) if raw else None
     if recorded is not None and recorded.test_hash == scores.test_hash:

@@ -90,12 +90,14 @@ class ImageClassifier(PythonModel):
     """The pyfunc (see the module doc)."""
 
     def load_context(self, context) -> None:
-        self.net, self.meta = load_model(context.artifacts[ARTIFACT])
-        self.model = Classifier(self.net, self.meta)
+        net, self.meta = load_model(context.artifacts[ARTIFACT])
+        self.model = Classifier(net, self.meta)
         self.limits = limits(context.model_config)
         self.classes = [str(c) for c in self.meta["classes"]]
         h, w = (int(s) for s in self.meta["image_size"])
         self.shape = (h, w, int(self.meta["channels"]))
+        self.resize = self.meta.get("resize") or Data().resize
+        self.min_side = self.meta.get("min_side") or Data().min_side
         guard()
 
     # The hint names what MLflow hands over (a DataFrame: MLflow infers no schema from it and
@@ -110,20 +112,18 @@ class ImageClassifier(PythonModel):
     def decode(self, blobs: list[bytes]) -> np.ndarray:
         """Image files' bytes as uint8 N×H×W×C, decoded as prepare decodes files."""
         h, _, c = self.shape
-        resize = self.meta.get("resize") or Data().resize
-        min_side = self.meta.get("min_side") or Data().min_side
         images = []
         for i, blob in enumerate(blobs):
             if not isinstance(blob, bytes | bytearray):
                 raise BadRequest(f"image {i}: expected file bytes, got {type(blob).__name__}")
             try:
-                images.append(decode(bytes(blob), h, c, resize, min_side, FORMATS))
+                images.append(decode(bytes(blob), h, c, self.resize, self.min_side, FORMATS))
             except BadImage as bad:
                 raise BadRequest(f"image {i}: {bad.reason}: {bad.detail}") from None
         return np.stack(images) if images else np.zeros((0, *self.shape), np.uint8)
 
-    def classify(self, images: np.ndarray) -> pd.DataFrame:
-        """One row per image of uint8 N×H×W×C `images` (see the module doc)."""
+    def classify(self, images: Any) -> pd.DataFrame:
+        """One row per image of uint8 N×H×W×C `images`, checked by `pixels` (see the module doc)."""
         images = pixels(images, self.shape)
         with torch.inference_mode():
             # Copies: torch refuses read-only arrays (memory maps), and batches are small.
@@ -256,7 +256,7 @@ def handle(server, clf: ImageClassifier, model, data: bytes, content_type: str |
     try:
         kind, items = request_items(data, content_type, clf.limits)
         if kind == "arrays":
-            rows = clf.classify(pixels(items, clf.shape))
+            rows = clf.classify(items)  # checked there (`pixels`)
         else:  # MLflow's pyfunc predict: its schema check, then ImageClassifier.predict
             rows = model.predict(pd.DataFrame({COLUMN: [_unbase64(i, x)
                                                         for i, x in enumerate(items)]}))

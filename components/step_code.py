@@ -112,6 +112,9 @@ def loaded_by_name(tree: ast.Module) -> list[str]:
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
                 isinstance(t, ast.Name) and t.id == BY_NAME for t in node.targets):
+            if not isinstance(node.value, ast.Tuple | ast.List):
+                raise ValueError(f"{BY_NAME} = {ast.unparse(node.value)}: write it as a tuple of "
+                                 "strings or module-level string constants; it is read, not run")
             return [item.value if isinstance(item, ast.Constant) else constants[item.id]
                     for item in node.value.elts]
     return []

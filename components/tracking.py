@@ -59,7 +59,16 @@ from typing import Any, Literal
 
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, InputTag, LifecycleStage, Metric, Param, RunTag
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LifecycleStage,
+    Metric,
+    Param,
+    Run,
+    RunTag,
+)
 from mlflow.exceptions import MlflowException
 
 from components import files
@@ -124,7 +133,8 @@ def _answers(uri: str) -> bool:
 
 
 def git_state(cwd: str | Path = ".") -> tuple[str, str]:
-    """(commit, dirty) of the working tree, 'unknown' for both without git or a repository."""
+    """(commit, dirty) of the working tree; without git or a repository, what GIT_ENV's variables
+    say (a container built from a commit sets them), else 'unknown' for both."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
                                 text=True, timeout=30, check=True).stdout.strip()
@@ -350,9 +360,10 @@ class Tracker:
         if run_id is not None:
             self._attach(run_id)
 
-    def _attach(self, run_id: str) -> None:
+    def _attach(self, run_id: str, experiment_id: str | None = None) -> None:
+        """Log into run `run_id` (of `experiment_id`, asked of the server when not given)."""
         self.run_id = run_id
-        self.experiment_id = self.client.get_run(run_id).info.experiment_id
+        self.experiment_id = experiment_id or self.client.get_run(run_id).info.experiment_id
         self.outbox = Outbox(self.client, run_id, self.uri)
 
     def _deliver_pending(self) -> None:
@@ -372,12 +383,13 @@ class Tracker:
     @classmethod
     def resume(cls, params: Params, run_id: str | None = None,
                pending_dir: str | Path | None = None) -> Tracker:
-        """For evaluate and register: the run train started, `run_id` or the one run.json names
-        (a new one if train ran untracked)."""
-        old, source = _read_run_file(params), f"from {Path(params.paths.train) / files.RUN}"
+        """For evaluate, register and export: the run train started, `run_id` (on this process's
+        tracking server) or the one run.json names (a new one if train ran untracked)."""
         if run_id is not None:
             old = {"run_id": run_id, "tracking_uri": shown(tracking_uri())}
             source = "passed on by train"
+        else:
+            old, source = _read_run_file(params), f"from {Path(params.paths.train) / files.RUN}"
         if old is None:
             tracker = cls.start(params, pending_dir)
             tracker.open_run(continues=False)
@@ -389,13 +401,15 @@ class Tracker:
                 f"{shown(old['tracking_uri'])} but MLFLOW_TRACKING_URI now means {shown(uri)}; "
                 "point it back, or run train again to start a run there"
             )
-        if not _live_run(client, old["run_id"]):
+        live = _live_run(client, old["run_id"])
+        if live is None:
             raise UserError(
                 f"run {old['run_id']} ({source}) is not in "
                 f"{shown(uri)} or was deleted; run train again to start a new run"
             )
         client.update_run(old["run_id"], status="RUNNING")
-        tracker = cls(params, client, uri, old["run_id"], pending_dir)
+        tracker = cls(params, client, uri, pending_dir=pending_dir)
+        tracker._attach(old["run_id"], live.info.experiment_id)
         tracker._deliver_pending()
         return tracker
 
@@ -410,7 +424,7 @@ class Tracker:
         run = client.create_run(experiment_id(client, params), run_name="batch-predict", tags={
             "mlflow.source.name": "components.predict", "mlflow.source.type": "LOCAL",
             "pipeline.kind": "batch-predict"})
-        tracker._attach(run.info.run_id)
+        tracker._attach(run.info.run_id, run.info.experiment_id)
         return tracker
 
     def open_run(self, continues: bool) -> None:
@@ -419,12 +433,14 @@ class Tracker:
         downstream makes a new model version), else a new run with params, lineage tags, the
         dataset input and the inputs' artifacts."""
         old = _read_run_file(self.params)
-        reuse = bool(continues and old and old["tracking_uri"] == shown(self.uri)
-                     and _live_run(self.client, old["run_id"]))
+        live = (_live_run(self.client, old["run_id"])
+                if continues and old and old["tracking_uri"] == shown(self.uri) else None)
+        reuse = live is not None
         if reuse:
             self.client.update_run(old["run_id"], status="RUNNING")
-        self._attach(old["run_id"] if reuse else _new_run(self.client, self.params))
-        logged = self.client.get_run(self.run_id).data.params if reuse else {}
+        run = live if reuse else _new_run(self.client, self.params)
+        self._attach(run.info.run_id, run.info.experiment_id)
+        logged = live.data.params if reuse else {}
         flat = [Param(k, str(v)) for k, v in flatten(self.params).items() if k not in logged]
         tags = lineage(self.params)
         flat_tags = [RunTag(k, v) for k, v in tags.items()]
@@ -619,20 +635,21 @@ def experiment_id(client: MlflowClient, params: Params) -> str:
     return found.experiment_id
 
 
-def _new_run(client: MlflowClient, params: Params) -> str:
-    run = client.create_run(
+def _new_run(client: MlflowClient, params: Params) -> Run:
+    return client.create_run(
         experiment_id(client, params),
         run_name=f"{params.model.name}-{params.data.source}",
         tags={"mlflow.source.name": "components.train", "mlflow.source.type": "LOCAL"},
     )
-    return run.info.run_id
 
 
-def _live_run(client: MlflowClient, run_id: str) -> bool:
+def _live_run(client: MlflowClient, run_id: str) -> Run | None:
+    """The run, unless it is not there or was deleted."""
     try:
-        return client.get_run(run_id).info.lifecycle_stage == LifecycleStage.ACTIVE
+        run = client.get_run(run_id)
     except MlflowException:
-        return False
+        return None
+    return run if run.info.lifecycle_stage == LifecycleStage.ACTIVE else None
 
 
 def _read_run_file(params: Params) -> dict | None:

@@ -57,7 +57,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -171,8 +170,9 @@ class Loop:
 def train(params: Params, tracker: Callback | None = None,
           callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train `params.model` on `params.paths.prepared` with `params.train`; see the module doc.
-    `tracker` (components.tracking) is one more callback."""
-    callbacks = [*callbacks, *([tracker] if tracker is not None else [])]
+    `tracker` (components.tracking) is one more callback, heard first: its run is open before
+    the others hear that training starts (a search's reporter reads run.json)."""
+    callbacks = [*([tracker] if tracker is not None else []), *callbacks]
     class_weights(params.train, read_manifest(params.paths.prepared))  # refused before any work
     device, precision = recipe.runtime(params.train)
     n = ddp.device_count(params.train, device)
@@ -618,10 +618,11 @@ def _write_outputs(params: Params, spec: dict, manifest: dict, loop: Loop,
 def _test_reference(params: Params, manifest: dict, loop: Loop, weights: dict,
                     batch_size: int) -> dict | None:
     """What batch prediction compares new images with (components/drift.py), carried in model.pt:
-    the test split scored with the kept weights as evaluate and predict score it (fp32, the same
-    normalisation). Measured here, after training, so that the model file alone holds it (evaluate
-    may not rewrite train's outputs); the weights were chosen on the validation split, and nothing
-    in training depends on this. None without a test split."""
+    the test split scored with the kept weights by evaluate's and predict's `checkpoint.score`
+    (fp32, the same normalisation; without evaluate.tta_flip, which drift.json notes when a
+    batch is scored with it). Measured here, after training, so that the model file alone holds
+    it (evaluate may not rewrite train's outputs); the weights were chosen on the validation
+    split, and nothing in training depends on this. None without a test split."""
     test = load_split(params.paths.prepared, "test")
     if len(test.y) == 0:
         return None
@@ -630,10 +631,8 @@ def _test_reference(params: Params, manifest: dict, loop: Loop, weights: dict,
     net.eval()
     while True:
         try:
-            logp = [torch.log_softmax(net(ckpt.prepare_input(
-                np.array(test.x[i:i + batch_size]), manifest, loop.device)).float(), dim=1).cpu()
-                for i in range(0, len(test.y), batch_size)]
-            return drift.reference(torch.cat(logp).numpy(), class_names(manifest))
+            logp = ckpt.score(net, manifest, test.x, loop.device, batch_size)
+            return drift.reference(logp, class_names(manifest))
         except torch.OutOfMemoryError:
             pass  # halved outside the except block, which holds the failed batch's tensors
         batch_size = _halve(batch_size, "scoring the test split")

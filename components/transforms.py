@@ -148,8 +148,6 @@ def identity(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return x, y
 
 
-
-
 def _stages(policy: dict[str, Any]) -> list[Callable[[torch.Tensor], torch.Tensor]]:
     size = tuple(policy["image_size"])
     stages: list[Callable[[torch.Tensor], torch.Tensor]] = []

@@ -31,7 +31,8 @@ What the graph says:
   `compile` checks that this gives back exactly the settings it was given. prepare takes only the
   sections its DVC stage depends on (dvc.yaml), so that KFP's cache, on prepare only, is keyed on
   what decides its output.
-- One MLflow run: train writes its id to an output parameter; evaluate and register join it.
+- One MLflow run: train writes its id to an output parameter; evaluate, register and export
+  join it.
   Tracking address and credentials come from the Kubernetes secret `--secret` (kfp-kubernetes),
   never from a parameter; the git commit recorded at compile time stands in for the image's
   missing .git. Retries as the Prefect flow's (KFP cannot tell a bad setting from a lost node, so
@@ -87,8 +88,9 @@ RETRIES = {  # the Prefect flow's: train once after 5 s, the MLflow steps 3 time
 }
 
 
-# What a pipeline run leaves for its caller: the MLflow run and the last two artifacts. (Built
-# so, the field types stay types under `from __future__ import annotations`: KFP reads them.)
+# What a pipeline run leaves for its caller: the MLflow run, evaluate's and register's artifacts.
+# (Built so, the field types stay types under `from __future__ import annotations`: KFP reads
+# them.)
 Outputs = NamedTuple("Outputs", [(RUN_ID, str), (WRITES["evaluate"], Artifact),
                                  (WRITES["register"], Artifact)])
 
@@ -117,7 +119,8 @@ def build(ops: dict[str, Any], defaults: dict[str, dict], commit: tuple[str, str
                        *(tasks[producer[a]].outputs[a] for a in Outputs._fields[1:]))
 
     pipeline.__signature__ = signature
-    pipeline.__doc__ = "Prepare, augment, train, evaluate and register a CNN image classifier."
+    pipeline.__doc__ = ("Prepare, augment, train, evaluate, register and export a CNN image "
+                       "classifier.")
     return dsl.pipeline(name=PIPELINE)(pipeline)
 
 

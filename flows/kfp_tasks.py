@@ -27,7 +27,9 @@ from kfp.dsl import Artifact, Dataset, Input, Model, Output
 from components.params import Paths, sections
 from components.step_code import ROOT, STEPS
 
-LOADED_BY_NAME = tuple(f"components.{step}" for step in STEPS)  # a twin runs its step's main()
+# A twin runs its step's main(), one per step (tests/test_step_code.py checks the list is STEPS).
+LOADED_BY_NAME = ("components.prepare", "components.augment", "components.train",
+                  "components.evaluate", "components.register", "components.export")
 
 # The artifacts, each a folder, by the `paths` folder they stand for in a step's settings.
 ARTIFACTS = {"prepared": "prepared", "policy": "augment", "trained_model": "train",
@@ -40,7 +42,7 @@ READS = {"prepare": (), "augment": ("prepared",), "train": ("prepared", "policy"
          "export": ("prepared", "decision")}
 TRACKS = {"train": "start", "evaluate": "join", "register": "join",
           "export": "join"}  # as the steps' main()s
-RUN_ID = "run_id"  # train's output parameter, evaluate's and register's input
+RUN_ID = "run_id"  # train's output parameter; evaluate's, register's and export's input
 CACHED = "prepare"  # the one task KFP may cache (flows/kfp_pipeline.py)
 
 

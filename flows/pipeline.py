@@ -14,8 +14,9 @@ to the study and stops when pruned (then evaluate is skipped); a trial never reg
 - prepare is cached on what decides its output (flows/prepare_cache.py); a cached result counts
   only while the prepared folder still holds the same data.
 - train resumes from its last checkpoint when retried or re-run (train.resume: auto).
-- evaluate and register talk to MLflow: retried with exponential backoff. register makes at most
-  one model version per training run however often it is retried (the step checks the registry).
+- evaluate, register and export talk to MLflow: retried with exponential backoff. register makes
+  at most one model version per training run however often it is retried (the step checks the
+  registry).
 - Each run leaves a markdown artifact `training-summary`: metrics, registry decision, MLflow run.
 
     prefect deployment run 'training-pipeline/digits' --watch     # on a worker (prefect.yaml)
@@ -101,6 +102,11 @@ def augment_policy(params: Params) -> dict[str, Any]:
     return asdict(augment_step.augment(params))
 
 
+# The steps after train, which need MLflow: a server away for a moment is waited for (3 tries).
+MLFLOW_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+                      retry_jitter_factor=0.5, retry_condition_fn=retry_unless_user_error)
+
+
 @task(name="train", cache_policy=NO_CACHE, tags=["train"], retries=1, retry_delay_seconds=5,
       retry_condition_fn=retry_unless_user_error)
 def train_model(params: Params, trial: TrialRef | None = None) -> dict[str, Any]:
@@ -110,23 +116,17 @@ def train_model(params: Params, trial: TrialRef | None = None) -> dict[str, Any]
     return {**asdict(search_trial.train_trial(params, reporter)), "pruned": reporter.pruned}
 
 
-@task(name="evaluate", cache_policy=NO_CACHE, retries=3,
-      retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
-      retry_condition_fn=retry_unless_user_error)
+@task(name="evaluate", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
 def evaluate_model(params: Params) -> dict[str, Any]:
     return asdict(tracked(evaluate_step.evaluate)(params))
 
 
-@task(name="register", cache_policy=NO_CACHE, retries=3,
-      retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
-      retry_condition_fn=retry_unless_user_error)
+@task(name="register", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
 def register_model(params: Params) -> dict[str, Any]:
     return asdict(tracked(register_step.register)(params))
 
 
-@task(name="export", cache_policy=NO_CACHE, retries=3,
-      retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
-      retry_condition_fn=retry_unless_user_error)
+@task(name="export", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
 def export_model(params: Params) -> dict[str, Any]:
     return asdict(tracked(export_step.export)(params))
 

@@ -42,13 +42,14 @@ from typing import Any
 
 from components import files
 from components.params import Params, UserError
+from components.step_code import STEPS
 from components.tracking import shown
 from flows import search_report, study
 from flows.launchers import Launcher
 
 POLL_S = 2.0  # between looks at the running trials: each look is a few small queries
 CANCEL_WAIT_S = 180.0  # for cancelled runs to end before their places are used again
-STEP_FOLDERS = ("augment", "train", "evaluate", "register", "export")
+STEP_FOLDERS = STEPS[1:]  # a trial's own folders: every step's but prepare's (shared)
 
 
 def run(params: Params, launcher: Launcher, sampler=None, register_best: bool = True
@@ -234,7 +235,7 @@ def finish(handle: study.Handle, params: Params, launcher: Launcher, parent: str
     trials = handle.study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     if not complete:
-        search_report.close_parent(parent, handle, "FAILED")
+        search_report.close_parent(parent, "FAILED")
         reasons = {t.user_attrs.get("failure") for t in trials if t.user_attrs.get("failure")}
         raise UserError(f"no trial of study {handle.name} completed ({len(trials)} trials); "
                         f"failures: {'; '.join(sorted(map(str, reasons)))[:2000] or 'none'}")

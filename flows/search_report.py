@@ -38,7 +38,6 @@ PICTURES = {  # file -> Optuna's matplotlib function
     files.PARALLEL_PNG: "plot_parallel_coordinate",
 }
 SUMMARY_COLUMNS = ("trial", "state", "value", "epochs", "seconds")
-TRAILING_COLUMNS = ("mlflow_run", "run", "note")
 
 
 def _client() -> MlflowClient:
@@ -168,7 +167,7 @@ def _pictures(handle: Handle, folder: Path) -> None:
             plt.close("all")
 
 
-def close_parent(parent: str | None, handle: Handle, status: str) -> None:
+def close_parent(parent: str | None, status: str) -> None:
     if parent:
         with contextlib.suppress(Exception):
             _client().set_terminated(parent, status)

@@ -41,6 +41,7 @@ SQLITE_TIMEOUT_S = 120  # trials of parallel workers write to one SQLite file: w
 BEAT_S = 5.0  # the driver's heartbeat
 STALE_S = 60.0  # a driver silent this long is gone, whatever else is known about it
 SETTLE_S = 1.0  # after claiming: long enough for a rival's claim to land, read back to check
+CLAIM_WAIT_S = 60.0  # how long a claim may keep being slower than SETTLE_S (a busy database)
 STUDY_SETTINGS = ("data", "augment", "model", "train")  # with search's: what a trial computes
 SEARCH_KEYS = ("metric", "direction", "sampler", "pruner", "startup_trials", "min_epochs",
                "seed", "space")
@@ -210,11 +211,11 @@ def me(flow_run: str | None = None) -> dict[str, Any]:
             "started": psutil.Process().create_time(), "flow_run": flow_run}
 
 
-def alive(driver: dict[str, Any], now: float | None = None) -> bool:
+def alive(driver: dict[str, Any]) -> bool:
     """Whether the driver that wrote `driver` may still be driving."""
     import psutil
 
-    if driver.get("ended") or (now or time.time()) - driver.get("beat", 0) > STALE_S:
+    if driver.get("ended") or time.time() - driver.get("beat", 0) > STALE_S:
         return False
     if driver.get("flow_run"):
         state = _flow_run_state(driver["flow_run"])
@@ -261,19 +262,37 @@ class Lease:
 
     def __enter__(self) -> Lease:
         study, name = self.handle.study, self.handle.name
-        current = study.user_attrs.get("driver")
-        if current and current["id"] != self.owner["id"] and alive(current):
-            raise UserError(
-                f"study {name} in {shown(self.handle.url)} is being driven by another live "
-                f"search: {describe(current)}. Wait for it to end or stop it, or set "
-                "search.study to another name")
-        self._write()
+        self._claim()
         time.sleep(SETTLE_S)
         if study.user_attrs.get("driver", {}).get("id") != self.owner["id"]:
             raise UserError(f"study {name}: another search claimed it at the same moment: "
                             f"{describe(study.user_attrs['driver'])}")
         self._thread.start()
         return self
+
+    def _claim(self) -> None:
+        """Write our claim, unless a live rival drives the study. A write slower than SETTLE_S
+        could land after a rival checked its own claim (components.register's RegistryLock
+        guards the same): then we wait out a heartbeat, by which a rival that holds the study
+        has written itself back, and look again, until CLAIM_WAIT_S."""
+        name, deadline = self.handle.name, time.monotonic() + CLAIM_WAIT_S
+        while True:
+            started = time.monotonic()
+            current = self.handle.study.user_attrs.get("driver")
+            if current and current["id"] != self.owner["id"] and alive(current):
+                raise UserError(
+                    f"study {name} in {shown(self.handle.url)} is being driven by another live "
+                    f"search: {describe(current)}. Wait for it to end or stop it, or set "
+                    "search.study to another name")
+            self._write()
+            if time.monotonic() - started < SETTLE_S:
+                return
+            if time.monotonic() > deadline:
+                raise UserError(f"study {name}: each claim took over {SETTLE_S:g} s for "
+                                f"{CLAIM_WAIT_S:g} s (a busy {shown(self.handle.url)}), too slow "
+                                "to tell whether another search claimed it too; run the search "
+                                "again")
+            time.sleep(BEAT_S + SETTLE_S)
 
     def _write(self, **extra: Any) -> None:
         self.handle.study.set_user_attr("driver", {**self.owner, "beat": time.time(), **extra})

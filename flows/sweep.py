@@ -53,7 +53,6 @@ from flows.run_tags import flow_run_tags
 from flows.settings import from_parameters, given, with_sections
 
 ARTIFACT_KEY = "sweep-comparison"
-STEP_FOLDERS = ("augment", "train", "evaluate", "register", "export")
 COLUMNS = ("point", "state", "model", "lr", "accuracy", "macro_f1", "loss", "epochs",
            "flow_run", "mlflow_run")
 
@@ -76,13 +75,9 @@ def _point_name(model: str, lr: float) -> str:
 
 
 def _child_parameters(base: dict, model: str, lr: float, folder: str, parent: str) -> dict:
-    paths = {step: f"{folder}/{_point_name(model, lr)}/{step}" for step in STEP_FOLDERS}
+    paths = {step: f"{folder}/{_point_name(model, lr)}/{step}" for step in search.STEP_FOLDERS}
     return _merge(base, {"model": {"name": model}, "train": {"lr": lr}, "paths": paths,
                          "skip_register": True, "mlflow_parent_run": parent})
-
-
-def _as_params(parameters: dict) -> Params:
-    return from_parameters(parameters)
 
 
 @flow(name="sweep", log_prints=True)
@@ -114,7 +109,7 @@ def sweep(
                                                       **given(**sections)})
     if overrides:
         base["overrides"] = [*base.get("overrides", []), *overrides]
-    params = _as_params(base)
+    params = from_parameters(base)
     if params.search.method == "optuna":
         launcher = PrefectLauncher(deployment, base, str(flow_run.id), flow_run.name)
         return search.run(params, launcher, register_best=register_best)
@@ -201,7 +196,7 @@ def _metric(row: dict, metric: str) -> float | None:
 
 def _register(deployment: str, parameters: dict) -> dict[str, Any]:
     """The register gate for the best child: here when its files are here, else as a run."""
-    params = _as_params(parameters)
+    params = from_parameters(parameters)
     if (Path(params.paths.evaluate) / files.METRICS).is_file():
         decision = register_model(params)
         export_model(params)  # as the training pipeline does after register

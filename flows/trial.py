@@ -24,6 +24,7 @@ The trial's MLflow run is nested under the search's parent run (tag mlflow.paren
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -144,12 +145,8 @@ def _run_file(params: Params) -> dict | None:
 
 
 def train_trial(params: Params, reporter: Reporter) -> train_step.TrainResult:
-    """The train step, tracked as always, with the reporter after the tracker."""
-
-    def train(params: Params, tracker=None) -> train_step.TrainResult:
-        return train_step.train(params, callbacks=[c for c in (tracker, reporter) if c])
-
-    result = tracked(train, "start")(params)
+    """The train step, tracked as always (the tracker heard first), with the reporter."""
+    result = tracked(functools.partial(train_step.train, callbacks=[reporter]), "start")(params)
     if result.stopped_by and reporter.pruned:
         run_tags.tag_run(params, {"search.state": PRUNED, "search.pruned": reporter.pruned})
     return result

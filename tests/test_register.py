@@ -287,13 +287,21 @@ def test_two_pipelines_finishing_together_leave_the_better_champion(server, proj
     assert {r["version"] for r in results.values()} == {"1", "2"}
 
 
+# Each process says it is ready once its imports are done and waits for the other, so that both
+# ask for the lock at the same moment (imports take seconds, unevenly: without this a lock that
+# does nothing could pass).
 LOCK_SCRIPT = """
-import sys, time
+import pathlib, sys, time
 from mlflow import MlflowClient
 from components.register import RegistryLock
-with RegistryLock(MlflowClient(tracking_uri=sys.argv[1]), "race/0"):
+client = MlflowClient(tracking_uri=sys.argv[1])
+folder = pathlib.Path(sys.argv[2])
+(folder / f"ready-{sys.argv[3]}").touch()
+while len(list(folder.glob("ready-*"))) < 2:
+    time.sleep(0.01)
+with RegistryLock(client, "race/0"):
     held = time.time()
-    time.sleep(0.5)
+    time.sleep(1.0)
     print(held, time.time())
 """
 
@@ -306,8 +314,9 @@ def test_pipelines_on_the_embedded_store_take_turns_through_a_file_lock(tmp_path
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(tracking_uri=uri).search_experiments()  # the store exists before both start
-    procs = [subprocess.Popen([sys.executable, "-c", LOCK_SCRIPT, uri], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", LOCK_SCRIPT, uri, str(tmp_path), str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
     spans = []
     for proc in procs:
         out, err = proc.communicate(timeout=300)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import importlib
 import shutil
 from pathlib import Path
 
@@ -114,13 +115,14 @@ def test_excluded_modules_compute_nothing_a_step_outputs(path):
     assert importers, f"{path} is excluded, but no step imports it: drop it from EXCLUDED"
 
 
+STEP_MODULES = {f"components.{s}" for s in (*STEPS, "predict")}
+
+
 def test_no_module_that_is_not_a_step_imports_a_step():
-    steps = {f"components.{s}" for s in (*STEPS, "predict")}
     for path in COMPONENTS:
-        module = f"components.{path.stem}"
-        if module in steps:
+        if f"components.{path.stem}" in STEP_MODULES:
             continue
-        bad = _project_imports(path) & steps
+        bad = _steps_imported(path)
         assert not bad, f"{path.relative_to(ROOT)} (not a step) imports the step {sorted(bad)}"
 
 
@@ -130,6 +132,31 @@ def test_a_copy_with_a_module_outside_the_rule_is_seen(tmp_path):
     shutil.copy(ROOT / "components/tracking.py", copy_)
     copy_.write_text(copy_.read_text() + "\n\ndef _x():\n    from components.augment import x\n")
     assert "components.augment" in _project_imports(copy_)
+    assert _steps_imported(copy_) == {"components.augment"}
+
+
+def _steps_imported(path: Path) -> set[str]:
+    return _project_imports(path) & STEP_MODULES
+
+
+def test_modules_loaded_by_name_are_read_as_their_module_defines_them():
+    """step_code reads LOADED_BY_NAME without running the module: each one it reads equals the
+    module's own value, and one it cannot read statically is refused, naming it."""
+    found = 0
+    for path in sorted([*ROOT.glob("components/*.py"), *ROOT.glob("flows/*.py")]):
+        tree = ast.parse(path.read_text())
+        if not any(isinstance(node, ast.Assign) and step_code.BY_NAME in
+                   [t.id for t in node.targets if isinstance(t, ast.Name)] for node in tree.body):
+            continue
+        module = importlib.import_module(".".join(path.relative_to(ROOT).with_suffix("").parts))
+        assert step_code.loaded_by_name(tree) == list(module.LOADED_BY_NAME), path
+        found += 1
+    assert found >= 3  # ddp, serve, kfp_tasks
+    import flows.kfp_tasks
+
+    assert tuple(f"components.{s}" for s in STEPS) == flows.kfp_tasks.LOADED_BY_NAME
+    with pytest.raises(ValueError, match="LOADED_BY_NAME = tuple"):
+        step_code.loaded_by_name(ast.parse("LOADED_BY_NAME = tuple(x for x in 'ab')"))
 
 
 def _project_imports(path: Path) -> set[str]:
