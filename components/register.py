@@ -101,21 +101,32 @@ class Scores:
 
 def score(predict, test: Split, classes: list[str], test_hash: str) -> Scores:
     """Scores of a probability-predicting function on a test split."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, recall_score
-
     x, y = np.asarray(test.x), np.asarray(test.y)
     # Writable copies, batch by batch: torch refuses read-only memory maps.
     pred = np.concatenate([np.asarray(predict(np.array(x[i:i + SCORE_BATCH]))).argmax(1)
                            for i in range(0, len(y), SCORE_BATCH)])
-    labels = list(range(len(classes)))
+    metrics, recall = gate_metrics(y, pred, len(classes))
+    return Scores(test_hash, classes, metrics, recall)
+
+
+def gate_metrics(y: np.ndarray, pred: np.ndarray, n: int) -> tuple[dict[str, float], list[float]]:
+    """Accuracy, balanced accuracy and macro F1 of labels `pred` against `y` (both in
+    0..n-1), and each class's recall, from their confusion matrix. The same figures as
+    scikit-learn's accuracy_score, balanced_accuracy_score, f1_score(average="macro",
+    zero_division=0) and recall_score(average=None, zero_division=0) over labels 0..n-1 (a test
+    compares them), without importing scikit-learn, which costs this step more than its scoring."""
+    y, pred = np.asarray(y, np.int64), np.asarray(pred, np.int64)
+    cm = np.bincount(y * n + pred, minlength=n * n).reshape(n, n)
+    tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+    recall = np.divide(tp, support, out=np.zeros(n), where=support > 0)
+    both = support + predicted  # 2·tp + fp + fn: F1's denominator
+    f1 = np.divide(2.0 * tp, both, out=np.zeros(n), where=both > 0)
     metrics = {
-        "accuracy": accuracy_score(y, pred),
-        "balanced_accuracy": balanced_accuracy_score(y, pred),
-        "f1_macro": f1_score(y, pred, labels=labels, average="macro", zero_division=0),
+        "accuracy": float(tp.sum() / len(y)),
+        "balanced_accuracy": float(recall[support > 0].mean()),  # over the classes present
+        "f1_macro": float(f1.mean()),
     }
-    recall = recall_score(y, pred, labels=labels, average=None, zero_division=0)
-    return Scores(test_hash, classes, {k: float(v) for k, v in metrics.items()},
-                  [float(r) for r in recall])
+    return metrics, [float(r) for r in recall]
 
 
 def decide(challenger: Scores, champion: Scores | None, cfg: Register) -> tuple[bool, list[str]]:

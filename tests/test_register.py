@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from components import checkpoint as ckpt
 from components import files
 from components.params import Register, load_params
 from components.prepared import class_names, load_split, read_manifest
-from components.register import Classifier, Scores, decide, register, score
+from components.register import Classifier, Scores, decide, gate_metrics, register, score
 from components.tracking import Tracker, tracked
 from tests.projects import SETTINGS, get, make_project, pairs
 
@@ -52,6 +53,33 @@ def scores(accuracy: float, recall: list[float], classes=("a", "b", "c")) -> Sco
 def test_decide(new, old, cfg, promoted, reason):
     got, reasons = decide(new, old, Register(**cfg))
     assert got is promoted and reason in " ".join(reasons)
+
+
+@pytest.mark.parametrize("y, pred, n", [
+    ([0, 1, 2, 0, 1, 2], [0, 1, 2, 0, 1, 2], 3),  # all right
+    ([0, 1, 2, 0, 1, 2], [1, 2, 0, 1, 2, 0], 3),  # all wrong
+    ([0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2], 3),  # uneven classes
+    ([0, 0, 1, 1], [0, 0, 0, 2], 3),  # a class never in the test split, only predicted
+    ([0, 0, 1, 2], [0, 0, 0, 0], 4),  # a class neither in the split nor predicted
+    ([3], [3], 4),  # one image
+    (list(np.random.default_rng(0).integers(0, 10, 500)),
+     list(np.random.default_rng(1).integers(0, 10, 500)), 10),
+])
+def test_the_gate_metrics_are_scikit_learns(y, pred, n):
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, recall_score
+
+    labels = list(range(n))
+    metrics, recall = gate_metrics(np.array(y), np.array(pred), n)
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true"
+        warnings.simplefilter("ignore")
+        expected = {
+            "accuracy": accuracy_score(y, pred),
+            "balanced_accuracy": balanced_accuracy_score(y, pred),
+            "f1_macro": f1_score(y, pred, labels=labels, average="macro", zero_division=0),
+        }
+        expected_recall = recall_score(y, pred, labels=labels, average=None, zero_division=0)
+    assert metrics == pytest.approx(expected, abs=1e-12)
+    assert recall == pytest.approx(list(expected_recall), abs=1e-12)
 
 
 # --- a registry ---------------------------------------------------------------------------------
