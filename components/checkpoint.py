@@ -161,11 +161,13 @@ def score(model: torch.nn.Module, meta: dict, images: np.ndarray, device: torch.
 
 class Classifier(torch.nn.Module):
     """uint8 N×H×W×C images in, class probabilities out: the training normalisation travels
-    inside the model (the register gate scores it, the ONNX export exports it)."""
+    inside the model (the register gate scores it, the ONNX export exports it, the served model
+    runs it). `probabilities` scores a whole array, as onnx_model.OnnxClassifier's does."""
 
     def __init__(self, net: torch.nn.Module, meta: dict[str, Any]):
         super().__init__()
         self.net = net.eval()
+        self.n_classes = len(meta["classes"])
         scale, shift = scale_shift(meta["mean"], meta["std"])
         self.register_buffer("scale", scale)
         self.register_buffer("shift", shift)
@@ -173,6 +175,16 @@ class Classifier(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = torch.addcmul(self.shift, images.permute(0, 3, 1, 2).float(), self.scale)
         return self.net(x).float().softmax(dim=1)
+
+    @torch.inference_mode()
+    def probabilities(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """Class probabilities (N×classes, float32) of uint8 N×H×W×C `images` (an array or
+        memory map), `batch_size` at a time: memory stays flat on large splits."""
+        out = [np.empty((0, self.n_classes), np.float32)]
+        for i in range(0, len(images), batch_size):
+            # A copy: torch refuses read-only memory maps, and batches are small.
+            out.append(self(torch.from_numpy(np.array(images[i:i + batch_size]))).numpy())
+        return np.concatenate(out)
 
 
 def model_file(spec: dict, manifest: dict, weights: dict, **extra) -> dict[str, Any]:

@@ -52,7 +52,6 @@ from typing import Any
 
 import filelock
 import numpy as np
-import torch
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -100,11 +99,11 @@ class Scores:
 
 
 def score(predict, test: Split, classes: list[str], test_hash: str) -> Scores:
-    """Scores of a probability-predicting function on a test split."""
-    x, y = np.asarray(test.x), np.asarray(test.y)
-    # Writable copies, batch by batch: torch refuses read-only memory maps.
-    pred = np.concatenate([np.asarray(predict(np.array(x[i:i + SCORE_BATCH]))).argmax(1)
-                           for i in range(0, len(y), SCORE_BATCH)])
+    """Scores of a probability-predicting function (images in, N×classes out) on a test split,
+    fed SCORE_BATCH images at a time."""
+    x, y = test.x, np.asarray(test.y)
+    pred = np.concatenate([np.empty(0, np.int64)] + [
+        np.asarray(predict(x[i:i + SCORE_BATCH])).argmax(1) for i in range(0, len(y), SCORE_BATCH)])
     metrics, recall = gate_metrics(y, pred, len(classes))
     return Scores(test_hash, classes, metrics, recall)
 
@@ -279,10 +278,8 @@ def _challenger(params: Params) -> tuple[dict[str, Any], Split, Scores]:
                         "models on it: set data.test_fraction above 0")
     check_fits(meta, manifest, Path(params.paths.train) / files.MODEL)
     classes = class_names(manifest)
-    model = Classifier(net, meta)
-    with torch.no_grad():
-        scores = score(lambda x: model(torch.from_numpy(x)).numpy(), test, classes,
-                       str(manifest.get("hashes", {}).get("test", "unknown")))
+    scores = score(Classifier(net, meta).probabilities, test, classes,
+                   str(manifest.get("hashes", {}).get("test", "unknown")))
     return meta, test, scores
 
 
@@ -439,10 +436,8 @@ def _champion_scores(client: MlflowClient, name: str, champion: str, scores: Sco
     # that puts a model's logged code first on sys.path and imports the loader its MLmodel names
     # before any pickle check, so an altered registry entry would run code in this step.
     net, meta = load_model(resolve_model_uri(f"models:/{name}/{champion}"))
-    model = Classifier(net, meta)
-    with torch.no_grad():
-        return score(lambda x: model(torch.from_numpy(x)).numpy(), test, list(meta["classes"]),
-                     scores.test_hash), True
+    return score(Classifier(net, meta).probabilities, test, list(meta["classes"]),
+                 scores.test_hash), True
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,7 +53,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.pyfunc import PythonModel
 
 from components.checkpoint import Classifier, load_model
@@ -124,12 +123,7 @@ class ImageClassifier(PythonModel):
 
     def classify(self, images: Any) -> pd.DataFrame:
         """One row per image of uint8 N×H×W×C `images`, checked by `pixels` (see the module doc)."""
-        images = pixels(images, self.shape)
-        with torch.inference_mode():
-            # Copies: torch refuses read-only arrays (memory maps), and batches are small.
-            probs = [self.model(torch.from_numpy(np.array(images[i:i + BATCH]))).numpy()
-                     for i in range(0, len(images), BATCH)]
-        probs = np.concatenate(probs) if probs else np.zeros((0, len(self.classes)), np.float32)
+        probs = self.model.probabilities(pixels(images, self.shape), BATCH)
         return table(probs, self.classes, self.limits.top_k)
 
 

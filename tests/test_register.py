@@ -129,10 +129,8 @@ def variant(src: Path, dst: Path, suppress: tuple[int, ...] = (), random: bool =
 def scores_of(model: Path, prepared: Path) -> Scores:
     net, meta = ckpt.load_model(model)
     manifest = read_manifest(prepared)
-    clf = Classifier(net, meta)
-    with torch.no_grad():
-        return score(lambda x: clf(torch.from_numpy(x)).numpy(), load_split(prepared, "test"),
-                     class_names(manifest), manifest["hashes"]["test"])
+    return score(Classifier(net, meta).probabilities, load_split(prepared, "test"),
+                 class_names(manifest), manifest["hashes"]["test"])
 
 
 def candidate(folder: Path, project: Path, model: Path, name: str, **cfg) -> Path:
