@@ -184,19 +184,10 @@ class PrefectLauncher(Launcher):
     def register(self, params: Params, extra: list[str]) -> dict[str, Any]:
         """In place when the best trial's files are on this host; otherwise as one more run of
         the deployment with its settings (train resumes or, elsewhere, repeats exactly)."""
-        from prefect.deployments import run_deployment
+        from flows.pipeline import register_best
 
-        from flows.pipeline import export_model, register_model
-
-        if (Path(params.paths.evaluate) / files.METRICS).is_file():
-            decision = register_model(params)
-            export_model(params)  # as the training pipeline does after register
-            return decision
-        rerun = run_deployment(self.deployment, parameters=self._parameters(extra),
-                               flow_run_name=f"{self.name}/register-best", tags=["search"])
-        if rerun.state is None or not rerun.state.is_completed():
-            raise RuntimeError(f"the register run of the best trial ended {rerun.state}")
-        return {"flow_run": str(rerun.id), "state": rerun.state.name}
+        return register_best(params, self.deployment, self._parameters(extra),
+                             f"{self.name}/register-best", ["search"])
 
     def tags(self) -> dict[str, str]:
         from flows.run_tags import flow_run_tags

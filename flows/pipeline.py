@@ -26,6 +26,7 @@ to the study and stops when pruned (then evaluate is skipped); a trial never reg
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -35,7 +36,7 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 from components import augment as augment_step
-from components import cli
+from components import cli, files
 from components import evaluate as evaluate_step
 from components import export as export_step
 from components import prepare as prepare_step
@@ -129,6 +130,23 @@ def register_model(params: Params) -> dict[str, Any]:
 @task(name="export", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
 def export_model(params: Params) -> dict[str, Any]:
     return asdict(tracked(export_step.export)(params))
+
+
+def register_best(params: Params, deployment: str, parameters: dict[str, Any], run_name: str,
+                  tags: list[str]) -> dict[str, Any]:
+    """The register gate, then export, for the run a search or sweep chose: in this process when
+    its files are on this host (its register decision), else as one more run of `deployment` with
+    `parameters` (train resumes there or repeats exactly) named `run_name`."""
+    if (Path(params.paths.evaluate) / files.METRICS).is_file():
+        decision = register_model(params)
+        export_model(params)  # as the training pipeline does after register
+        return decision
+    from prefect.deployments import run_deployment
+
+    rerun = run_deployment(deployment, parameters=parameters, flow_run_name=run_name, tags=tags)
+    if rerun.state is None or not rerun.state.is_completed():
+        raise RuntimeError(f"{run_name}, the register run of the best, ended {rerun.state}")
+    return {"flow_run": str(rerun.id), "state": rerun.state.name}
 
 
 def prepared_data(params: Params) -> tuple[dict[str, Any], str]:

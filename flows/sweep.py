@@ -44,11 +44,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
-from components import cli, files, tracking
+from components import cli, tracking
 from components.params import DEFAULT_PARAMS, Params, UserError
 from flows import search
 from flows.launchers import PrefectLauncher, ProcessLauncher
-from flows.pipeline import export_model, prepared_data, register_model
+from flows.pipeline import prepared_data, register_best
 from flows.run_tags import flow_run_tags
 from flows.settings import from_parameters, given, with_sections
 
@@ -196,16 +196,9 @@ def _metric(row: dict, metric: str) -> float | None:
 
 def _register(deployment: str, parameters: dict) -> dict[str, Any]:
     """The register gate for the best child: here when its files are here, else as a run."""
-    params = from_parameters(parameters)
-    if (Path(params.paths.evaluate) / files.METRICS).is_file():
-        decision = register_model(params)
-        export_model(params)  # as the training pipeline does after register
-        return decision
-    rerun = run_deployment(deployment, parameters={**parameters, "skip_register": False},
-                           flow_run_name=f"{flow_run.name}/register-best", tags=["sweep"])
-    if rerun.state is None or not rerun.state.is_completed():
-        raise RuntimeError(f"the register run of the best point ended {rerun.state}")
-    return {"flow_run": str(rerun.id), "state": rerun.state.name}
+    return register_best(from_parameters(parameters), deployment,
+                         {**parameters, "skip_register": False},
+                         f"{flow_run.name}/register-best", ["sweep"])
 
 
 def comparison_markdown(rows: list[dict], best: dict | None, metric: str,
