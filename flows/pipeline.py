@@ -135,8 +135,9 @@ def export_model(params: Params) -> dict[str, Any]:
 def register_best(params: Params, deployment: str, parameters: dict[str, Any], run_name: str,
                   tags: list[str]) -> dict[str, Any]:
     """The register gate, then export, for the run a search or sweep chose: in this process when
-    its files are on this host (its register decision), else as one more run of `deployment` with
-    `parameters` (train resumes there or repeats exactly) named `run_name`."""
+    its files are on this host (returns register's decision), else as one more run of
+    `deployment` with `parameters`, named `run_name` (train resumes there, or repeats exactly;
+    returns that flow run's id and state)."""
     if (Path(params.paths.evaluate) / files.METRICS).is_file():
         decision = register_model(params)
         export_model(params)  # as the training pipeline does after register
