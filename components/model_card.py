@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components import files
+from components import files, markdown
 from components.params import Params
 from components.prepared import class_names, read_manifest
 
@@ -124,10 +124,8 @@ def _intended_use(meta: dict, manifest: dict, classes: list[str]) -> str:
 def _data(manifest: dict, classes: list[str]) -> str:
     counts = manifest.get("counts", {})
     splits = [s for s in ("train", "val", "test") if s in counts]
-    rows = ["| class | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
-    rows += [f"| {c} | " + " | ".join(str(counts[s].get(c, 0)) for s in splits) + " |"
-             for c in classes]
-    rows.append("| **all** | " + " | ".join(str(manifest["num"][s]) for s in splits) + " |")
+    rows = [[c, *(counts[s].get(c, 0) for s in splits)] for c in classes]
+    rows.append(["**all**", *(manifest["num"][s] for s in splits)])
     dup = manifest.get("duplicates_across_splits", {})
     found = manifest.get("files") or {}
     lines = [
@@ -137,7 +135,7 @@ def _data(manifest: dict, classes: list[str]) -> str:
         + f", split with seed {manifest.get('seed')}; images {manifest['image_size'][0]}×"
         f"{manifest['image_size'][1]}, {manifest['channels']} channel(s), resize "
         f"`{manifest.get('resize')}`.", "",
-        *rows, "",
+        *markdown.table(["class", *splits], rows), "",
         "Content hashes (sha256 of each split's images, labels and order):", "",
         *[f"- {s}: `{h}`" for s, h in (manifest.get("hashes") or {}).items()], "",
         f"Exact duplicates across splits: {dup.get('count', 0)} found, "
@@ -173,13 +171,15 @@ def _test_metrics(metrics: dict, report: dict, classes: list[str]) -> str:
              "weighted_f1": "weighted F1", "macro_precision": "macro precision",
              "macro_recall": "macro recall", "loss": "loss (cross-entropy)", "ece": "ECE"}
     lines = ["## Test metrics", "", f"On the test split ({_f(metrics.get('n_test'))} images).", "",
-             "| metric | value |", "|---|---|"]
-    lines += [f"| {label} | {_f(metrics[k])} |" for k, label in names.items() if k in metrics]
-    lines += ["", "| class | precision | recall | F1 | images |", "|---|---|---|---|---|"]
+             *markdown.table(["metric", "value"], [(label, _f(metrics[k]))
+                                                   for k, label in names.items() if k in metrics]),
+             ""]
+    rows = []
     for c in classes:
         r = report.get(c, {})
-        lines.append(f"| {c} | {_f(r.get('precision', '?'))} | {_f(r.get('recall', '?'))} | "
-                     f"{_f(r.get('f1-score', '?'))} | {int(r.get('support', 0))} |")
+        rows.append((c, _f(r.get("precision", "?")), _f(r.get("recall", "?")),
+                     _f(r.get("f1-score", "?")), int(r.get("support", 0))))
+    lines += markdown.table(["class", "precision", "recall", "F1", "images"], rows)
     return "\n".join(lines)
 
 
@@ -196,13 +196,14 @@ def _weakest(report: dict, classes: list[str], confusions: Counter) -> str:
     scored = [(report[c]["f1-score"], report[c]["recall"], c) for c in classes if c in report]
     lines = ["## Weakest classes", "",
              f"The {WEAKEST} classes with the lowest F1 on the test split, and what they were "
-             "most often taken for.", "", "| class | F1 | recall | most often taken for |",
-             "|---|---|---|---|"]
+             "most often taken for.", ""]
+    rows = []
     for f1, recall, c in sorted(scored)[:WEAKEST]:
         wrong = Counter({p: n for (t, p), n in confusions.items() if t == c})
         taken = ", ".join(f"{p} ({n}×)" for p, n in wrong.most_common(CONFUSIONS)) or "nothing"
-        lines.append(f"| {c} | {_f(f1)} | {_f(recall)} | {taken} |")
-    return "\n".join(lines)
+        rows.append((c, _f(f1), _f(recall), taken))
+    return "\n".join(lines + markdown.table(["class", "F1", "recall", "most often taken for"],
+                                            rows))
 
 
 def _calibration(params: Params, metrics: dict) -> str:

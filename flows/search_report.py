@@ -29,6 +29,7 @@ from typing import Any
 from mlflow import MlflowClient
 
 from components import files, tracking
+from components import markdown as md  # this module has a markdown() of its own
 from components.params import Params
 from flows.study import Handle
 
@@ -106,16 +107,8 @@ def rows(handle: Handle, best: int | None) -> list[dict[str, Any]]:
 
 def markdown(table: list[dict[str, Any]], title: str) -> str:
     columns = list(table[0]) if table else list(SUMMARY_COLUMNS)
-    lines = [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in table:
-        lines.append("| " + " | ".join(_cell(row[c]) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value).replace("|", "/")
+    rows = [[row[c] for c in columns] for row in table]
+    return "\n".join([f"## {title}", "", *md.table(columns, rows)]) + "\n"
 
 
 def publish(params: Params, handle: Handle, parent: str, table: list[dict], best,

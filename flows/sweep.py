@@ -44,7 +44,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
-from components import cli, tracking
+from components import cli, markdown, tracking
 from components.params import DEFAULT_PARAMS, Params, UserError
 from flows import search
 from flows.launchers import PrefectLauncher, ProcessLauncher
@@ -203,25 +203,17 @@ def _register(deployment: str, parameters: dict) -> dict[str, Any]:
 
 def comparison_markdown(rows: list[dict], best: dict | None, metric: str,
                         decision: dict | None) -> str:
-    lines = [f"## Sweep: {len(rows)} runs, best by {metric}", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    cells = []
     for row in sorted(rows, key=lambda r: -(_metric(r, metric) or -1)):
         mark = " **best**" if best is not None and row["point"] == best["point"] else ""
-        cells = [_cell(row[c]) for c in COLUMNS]
-        cells[0] += mark
-        lines.append("| " + " | ".join(cells) + " |")
+        cells.append([markdown.cell(row["point"]) + mark, *(row[c] for c in COLUMNS[1:])])
+    lines = [f"## Sweep: {len(rows)} runs, best by {metric}", "", *markdown.table(COLUMNS, cells)]
     if best is None:
         lines += ["", "No run completed with metrics: nothing went to the register gate."]
     elif decision is not None:
         lines += ["", f"Register gate for **{best['point']}**: "
                   f"`{json.dumps(decision, default=str)[:400]}`"]
     return "\n".join(lines) + "\n"
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
 
 
 def _finish_parent(client, parent, rows, table, best, metric) -> None:
