@@ -1,29 +1,19 @@
 """The DVC pipeline for real: a temporary git repo holding the project's files, `dvc repro` runs."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from components import files
+from tests.projects import sh
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", "data/raw/.gitkeep"]
 
 pytestmark = pytest.mark.slow
-
-
-def run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1"}
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
 
 
 @pytest.fixture
@@ -35,9 +25,9 @@ def repo(tmp_path: Path) -> Path:
     for name in PROJECT_FILES:
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, repo / name)
-    run(["git", "init", "-q"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "."], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"], repo)
+    sh(["git", "init", "-q"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "."], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"], repo)
     return repo
 
 
@@ -49,7 +39,7 @@ def set_param(repo: Path, section: str, key: str, value) -> None:
 
 
 def test_prepare_stage_runs_once_then_again_when_data_settings_change(repo):
-    out = run(["dvc", "repro", "prepare"], repo)
+    out = sh(["dvc", "repro", "prepare"], repo)
     assert "Running stage 'prepare'" in out
     manifest = repo / "data/prepared" / files.MANIFEST
     first = json.loads(manifest.read_text())
@@ -58,13 +48,13 @@ def test_prepare_stage_runs_once_then_again_when_data_settings_change(repo):
     assert lock["stages"]["prepare"]["params"]["params.yaml"]["data"]["seed"] == 0
 
     stamp = manifest.stat().st_mtime_ns
-    out = run(["dvc", "repro", "prepare"], repo)
+    out = sh(["dvc", "repro", "prepare"], repo)
     assert "Running stage" not in out
     assert manifest.stat().st_mtime_ns == stamp  # nothing was written
-    assert json.loads(run(["dvc", "status", "prepare", "--json"], repo)) == {}
+    assert json.loads(sh(["dvc", "status", "prepare", "--json"], repo)) == {}
 
     set_param(repo, "data", "seed", 1)
-    out = run(["dvc", "repro", "prepare"], repo)
+    out = sh(["dvc", "repro", "prepare"], repo)
     assert "Running stage 'prepare'" in out
     second = json.loads(manifest.read_text())
     assert second["seed"] == 1 and second["hashes"]["train"] != first["hashes"]["train"]
@@ -81,19 +71,19 @@ def test_prepare_stage_reruns_when_the_image_folder_changes(repo):
     set_param(repo, "data", "source", "imagefolder")
     set_param(repo, "data", "root", "data/raw/shapes")
     set_param(repo, "data", "image_size", 16)
-    assert "Running stage 'prepare'" in run(["dvc", "repro", "prepare"], repo)
-    assert "Running stage" not in run(["dvc", "repro", "prepare"], repo)
+    assert "Running stage 'prepare'" in sh(["dvc", "repro", "prepare"], repo)
+    assert "Running stage" not in sh(["dvc", "repro", "prepare"], repo)
 
     Image.new("RGB", (30, 30), (0, 0, 250)).save(folder / "blue" / "new.png")
-    assert "Running stage 'prepare'" in run(["dvc", "repro", "prepare"], repo)
+    assert "Running stage 'prepare'" in sh(["dvc", "repro", "prepare"], repo)
     manifest = json.loads((repo / "data/prepared" / files.MANIFEST).read_text())
     assert manifest["files"]["prepared"] == 11
 
 
 def test_whole_pipeline_runs_once_and_an_experiment_reruns_only_what_changed(repo):
     set_param(repo, "train", "epochs", 1)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "one epoch"], repo)
-    out = run(["dvc", "repro"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "one epoch"], repo)
+    out = sh(["dvc", "repro"], repo)
     for stage in ("prepare", "augment", "train", "evaluate", "register", "export"):
         assert f"Running stage '{stage}'" in out
     metrics = json.loads((repo / "outputs/evaluate" / files.METRICS).read_text())
@@ -103,26 +93,21 @@ def test_whole_pipeline_runs_once_and_an_experiment_reruns_only_what_changed(rep
     exported = json.loads((repo / "outputs/export" / files.EXPORT).read_text())
     assert exported["version"] == decision["version"] and exported["passed"]
 
-    assert "Running stage" not in run(["dvc", "repro"], repo)
+    assert "Running stage" not in sh(["dvc", "repro"], repo)
 
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "dvc.lock"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], repo)
-    out = run(["dvc", "exp", "run", "--set-param", "train.lr=0.001"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "dvc.lock"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], repo)
+    out = sh(["dvc", "exp", "run", "--set-param", "train.lr=0.001"], repo)
     ran = {s for s in ("prepare", "augment", "train", "evaluate", "register", "export")
            if f"Running stage '{s}'" in out}
     assert ran == {"train", "evaluate", "register", "export"}
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo))
+    shown = json.loads(sh(["dvc", "exp", "show", "--json"], repo))
     assert shown  # the experiment is listed with its params and metrics
 
 
 def repro(repo: Path, *args: str) -> str:
     """`dvc repro` with its stdout and stderr together (the steps' messages are on stderr)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1"}
-    done = subprocess.run(["dvc", "repro", *args], cwd=repo, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, f"dvc repro {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
+    return sh(["dvc", "repro", *args], repo, stderr=True)
 
 
 def registry_state(repo: Path) -> tuple[str, list[str], str]:
@@ -140,7 +125,7 @@ def registry_state(repo: Path) -> tuple[str, list[str], str]:
 
 def test_a_finished_run_forced_again_is_reused_and_a_code_edit_retrains_saying_why(repo):
     set_param(repo, "train", "epochs", 2)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "two epochs"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "two epochs"], repo)
     repro(repo)
     metrics = (repo / "outputs/evaluate" / files.METRICS).read_text()
     state = registry_state(repo)
