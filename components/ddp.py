@@ -10,7 +10,11 @@
   <that file>`. The console shows rank 0; every rank's output is in its log under `ddp/logs/`.
   While the workers train, the parent follows history.json and hands each new epoch's row to its
   callbacks, then reads the result rank 0 wrote and returns it: one process tracks, so there is
-  one MLflow run whatever N is.
+  one MLflow run whatever N is. A callback that stops the run (train's StopTraining: a search's
+  pruner) makes the parent write `ddp/stop.json`; the workers look for it at the end of each
+  epoch (`stop_requested`: rank 0 looks, every rank hears), stop together after the epoch they
+  are in and write their outputs as after early stopping. The epochs they trained after the
+  request still reach the callbacks.
 - Each worker (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK) joins the group (`process_group`):
   NCCL on GPUs, one GPU per local rank; gloo on CPU, with cores // N torch threads each so the
   processes don't fight over cores. Collectives time out after TIMEOUT_S (TIMEOUT_ENV overrides
@@ -37,7 +41,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -66,6 +70,8 @@ TIMEOUT_ENV = "CNN_PIPELINE_DDP_TIMEOUT_S"
 TIMEOUT_S = 600.0
 POLL_S = 1.0  # how often the parent looks for new history rows
 PROJECT = Path(__file__).resolve().parent.parent
+# How the parent's callbacks hear an epoch (train.epoch_done): the reason to stop, if one asked.
+EpochDone = Callable[[Sequence[Any], int, dict], "str | None"]
 
 
 class DistributedTrainingError(UserError):
@@ -116,9 +122,11 @@ def device_count(cfg, device: torch.device) -> int:
 # --- the parent ------------------------------------------------------------------------------
 
 
-def launch(params: Params, n: int, callbacks: Sequence[Any]) -> dict[str, Any]:
+def launch(params: Params, n: int, callbacks: Sequence[Any],
+           epoch_done: EpochDone) -> dict[str, Any]:
     """Run train on `n` processes through torchrun; rank 0's TrainResult fields, as a dict.
-    The callbacks hear where the workers start and every epoch they finish, as in one process."""
+    The callbacks hear where the workers start and every epoch they finish, as in one process,
+    through `epoch_done`; when one asks to stop, the workers stop after the epoch they are in."""
     folder = Path(params.paths.train) / files.DDP
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -132,7 +140,7 @@ def launch(params: Params, n: int, callbacks: Sequence[Any]) -> dict[str, Any]:
            "-m", WORKER_MODULE, "--params", str(folder / DEFAULT_PARAMS)]
     proc = subprocess.Popen(cmd, env=_worker_env(params, n), stdout=2, stderr=2)
     try:
-        followed = _follow(proc, Path(params.paths.train), callbacks)
+        followed = _follow(proc, Path(params.paths.train), callbacks, epoch_done)
     finally:
         if proc.poll() is None:  # the parent was interrupted: take the workers down with it
             proc.terminate()
@@ -143,7 +151,9 @@ def launch(params: Params, n: int, callbacks: Sequence[Any]) -> dict[str, Any]:
     if followed is None:  # over before the parent saw where it started
         started(callbacks, result["resumed_from"])
     after = result["resumed_from"] if followed is None else followed
-    _deliver(Path(params.paths.train), after, result["epochs"], callbacks)
+    _deliver(Path(params.paths.train), after, result["epochs"], callbacks, epoch_done)
+    # asked after the last epoch: too late to stop, still said, as train says it in one process
+    result["stopped_by"] = result["stopped_by"] or _stop_reason(folder)
     return result
 
 
@@ -178,7 +188,8 @@ def _model_module(name: str) -> str | None:
     return None if module.startswith(("timm.", "components.")) else module
 
 
-def _follow(proc: subprocess.Popen, out: Path, callbacks: Sequence[Any]) -> int | None:
+def _follow(proc: subprocess.Popen, out: Path, callbacks: Sequence[Any],
+            epoch_done: EpochDone) -> int | None:
     """Hand history rows to the callbacks as rank 0 writes them, until the workers end, and once
     more after: a failed run's last epochs reach them too (each row has its checkpoint: train
     writes history.json after last.pt). The last epoch delivered (None: rank 0 had not said
@@ -198,7 +209,7 @@ def _follow(proc: subprocess.Popen, out: Path, callbacks: Sequence[Any]) -> int 
         stamp = history.stat().st_mtime_ns if history.exists() else None
         if delivered is not None and stamp != seen:
             seen = stamp
-            delivered = _deliver(out, delivered, None, callbacks)
+            delivered = _deliver(out, delivered, None, callbacks, epoch_done)
         if ended:
             return delivered
 
@@ -211,15 +222,29 @@ def started(callbacks: Sequence[Any], resumed_from: int) -> None:
             cb.on_train_start(resumed_from)
 
 
-def _deliver(out: Path, after: int, upto: int | None, callbacks: Sequence[Any]) -> int:
+def _deliver(out: Path, after: int, upto: int | None, callbacks: Sequence[Any],
+             epoch_done: EpochDone) -> int:
+    """The epochs after `after` (up to `upto`) to the callbacks; the first request to stop goes
+    to the workers in ddp/stop.json. The last epoch delivered."""
     path = out / files.HISTORY
     rows = json.loads(path.read_text()) if path.exists() else []
+    stop = out / files.DDP / files.STOP
     for row in rows:
         if row["epoch"] > after and (upto is None or row["epoch"] <= upto):
-            for cb in callbacks:
-                cb.on_epoch_end(row["epoch"], row)
+            reason = epoch_done(callbacks, row["epoch"], row)
+            if reason and not stop.exists():
+                write_json(stop, {"reason": reason, "epoch": row["epoch"]})
             after = row["epoch"]
     return after
+
+
+def _stop_reason(folder: Path) -> str | None:
+    """What the parent's callbacks said when they asked the workers to stop (ddp/stop.json)."""
+    path = folder / files.STOP
+    if not path.exists():
+        return None
+    request = json.loads(path.read_text())
+    return f"{request['reason']} (asked after epoch {request['epoch']})"
 
 
 def _failure(logs: Path, code: int, n: int, out: Path) -> DistributedTrainingError:
@@ -322,6 +347,19 @@ def sync_buffers(module: torch.nn.Module, world: World) -> None:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+def stop_requested(out: Path, world: World, device: torch.device) -> str | None:
+    """At the end of an epoch, on every rank: whether the parent asked the workers to stop (its
+    callbacks did, hearing an epoch already written). Rank 0 looks and every rank hears it, so all
+    stop after the same epoch. The parent's reason on rank 0, the one that reports it."""
+    if not world.distributed:
+        return None
+    folder = out / files.DDP
+    asked = torch.tensor(world.main and (folder / files.STOP).exists(), device=device)
+    if not any_rank(asked, world):
+        return None
+    return _stop_reason(folder) if world.main else "the parent asked"
 
 
 def announce(out: Path, world: World, resumed_from: int) -> None:

@@ -7,7 +7,7 @@ checks that no other module spells one of them, and that dvc.yaml's outputs are 
     paths.prepared     {split}_x.npy, {split}_y.npy, MANIFEST, QUARANTINE       (prepare)
     paths.augment      POLICY, PREVIEW                                         (augment)
     paths.train        MODEL (+ HASH_SUFFIX), HISTORY, RUN, PENDING,            (train)
-                       CHECKPOINTS/ LAST, BEST; DDP/ STARTED, RESULT, logs/
+                       CHECKPOINTS/ LAST, BEST; DDP/ STARTED, RESULT, STOP, logs/
     paths.evaluate     METRICS, REPORT_JSON, REPORT_TXT, PREDICTIONS, CONFUSION_CSV,
                        CALIBRATION_CSV, CONFUSION_PNG, CONFUSION_NORMALIZED_PNG,
                        CALIBRATION_PNG, MISTAKES_PNG, CURVES_PNG, REFERENCE     (evaluate)
@@ -52,6 +52,7 @@ PENDING = "mlflow-pending.json"  # what an unreachable tracking server has not r
 DDP = "ddp"  # a folder: what the parent and the torchrun workers hand each other
 STARTED = "started.json"
 RESULT = "result.json"
+STOP = "stop.json"  # the parent's callbacks asked the workers to stop (train.StopTraining)
 
 # evaluate
 METRICS = "metrics.json"

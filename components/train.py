@@ -17,7 +17,9 @@ When any of those changed, the run starts fresh and says what changed: `dvc exp 
 --set-param train.lr=...` must train a new model, not refuse. `never` always starts fresh.
 
 A callback may end the run after an epoch by raising StopTraining (a search's pruner does):
-the outputs are written as after early stopping and TrainResult.stopped_by says why.
+the outputs are written as after early stopping and TrainResult.stopped_by says why. On several
+devices the parent hears each epoch after the workers wrote it, so they stop after the epoch they
+are in when it asks (components.ddp, `stop_requested`).
 
 Several devices (train.devices > 1 or auto): train() launches torchrun and tracks, the workers
 train (components.ddp says who does what). Each epoch's order comes from (seed, epoch) and is the
@@ -177,7 +179,7 @@ def train(params: Params, tracker: Callback | None = None,
     device, precision = recipe.runtime(params.train)
     n = ddp.device_count(params.train, device)
     if n > 1 and not ddp.in_worker():
-        result = TrainResult(**ddp.launch(params, n, callbacks))
+        result = TrainResult(**ddp.launch(params, n, callbacks, epoch_done))
     else:
         with ddp.process_group(device) as (world, device):
             callbacks = callbacks if world.main else ()
@@ -215,7 +217,8 @@ def _train(params: Params, device, precision: str, world: ddp.World,
             row = _run_epoch(loop, prog, ckdir)
             seconds, images = seconds + row["train_s"], images + loop.train_data.n
             _end_epoch(loop, prog, row, ckdir, fingerprint)
-            stopped_by = _epoch_done(callbacks, prog)
+            stopped_by = (epoch_done(callbacks, prog.epoch, prog.history[-1])
+                          or ddp.stop_requested(out, world, device))
         if world.main:
             _write_outputs(params, spec, manifest, loop, prog)
     return TrainResult(
@@ -230,16 +233,16 @@ def _train(params: Params, device, precision: str, world: ddp.World,
     )
 
 
-def _epoch_done(callbacks: Sequence[Callback], prog: Progress) -> str | None:
+def epoch_done(callbacks: Sequence[Callback], epoch: int, row: dict) -> str | None:
     """Every callback hears the epoch; the reason of the first that asked to stop, if any."""
     stop = None
     for cb in callbacks:
         try:
-            cb.on_epoch_end(prog.epoch, prog.history[-1])
+            cb.on_epoch_end(epoch, row)
         except StopTraining as request:
             stop = stop or str(request) or f"{type(cb).__name__} stopped the run"
     if stop:
-        _say(f"stopped after epoch {prog.epoch}: {stop}")
+        _say(f"asked to stop after epoch {epoch}: {stop}")
     return stop
 
 

@@ -74,10 +74,6 @@ def preflight(params: Params, launcher: Launcher) -> None:
     if not search.space:
         raise UserError("search.space is empty: give at least one setting to search, e.g. "
                         "--set search.space='{train.lr: {log_uniform: [0.0003, 0.01]}}'")
-    devices = {params.train.devices, *search.space.get("train.devices", {}).get("choice", [])}
-    if search.pruner != "none" and (devices != {1} or "train.devices" in search.space):
-        raise UserError("search.pruner stops a training in one process: set train.devices=1 "
-                        "(and leave it out of search.space), or search.pruner=none")
     for key, spec in search.space.items():
         for value in next(iter(spec.values())):
             try:

@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from components import checkpoint as ckpt
 from components import ddp, files
 from components.params import load_params
-from components.train import train
+from components.train import StopTraining, epoch_done, train
 from tests.conftest import FAULT_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,5 +215,34 @@ def test_epochs_written_just_before_the_workers_fail_still_reach_the_callbacks(t
              "sys.exit(1)")
     heard = Heard()
     proc = subprocess.Popen([sys.executable, "-c", write, str(tmp_path)])
-    assert ddp._follow(proc, tmp_path, [heard]) == 2
+    assert ddp._follow(proc, tmp_path, [heard], epoch_done) == 2
     assert proc.returncode == 1 and heard.start == 0 and heard.epochs == [1, 2]
+
+
+class StopsAfter(Heard):
+    """A callback that asks to stop after `epoch`, as a search's pruner does."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.stop_after = epoch
+
+    def on_epoch_end(self, epoch: int, row: dict) -> None:
+        super().on_epoch_end(epoch, row)
+        if epoch == self.stop_after:
+            raise StopTraining("enough")
+
+
+@pytest.mark.slow
+def test_a_callback_stops_the_workers_which_write_their_outputs(tmp_path, data):
+    """The parent hears epoch 1 after the workers wrote it (it looks every ddp.POLL_S); they stop
+    together after the epoch they are in, long before the 40 asked for, and write model.pt and
+    the result as after early stopping. Every epoch they trained still reaches the callbacks."""
+    params, _ = settings(tmp_path, data, "train.devices=2", "train.epochs=40")
+    stopper, heard = StopsAfter(1), Heard()
+    result = train(params, callbacks=[stopper, heard])
+    assert result.devices == 2 and 1 <= result.epochs < 40
+    assert result.stopped_by == "enough (asked after epoch 1)"
+    assert heard.epochs == stopper.epochs == list(range(1, result.epochs + 1))
+    assert len(json.loads(Path(result.history_path).read_text())) == result.epochs
+    _, meta = ckpt.load_model(result.model_path)  # whole: its sha256 is checked
+    assert meta["epoch"] == result.best_epoch <= result.epochs
