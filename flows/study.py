@@ -190,13 +190,12 @@ def load_for_trial(study: str, url: str) -> Handle:
     storage = open_storage(url)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        summary = optuna.load_study(study_name=study, storage=storage)
+        handle = optuna.load_study(study_name=study, storage=storage,
+                                   sampler=optuna.samplers.RandomSampler())
     except KeyError:
         raise UserError(f"study {study} is not in {shown(url)}: the trial's storage must be its "
                         f"search's (search.storage or {STORAGE_ENV})") from None
-    pruner = make_pruner(summary.user_attrs["settings"])
-    handle = optuna.load_study(study_name=study, storage=storage, pruner=pruner,
-                               sampler=optuna.samplers.RandomSampler())
+    handle.pruner = make_pruner(handle.user_attrs["settings"])  # as open_study sets its sampler
     return Handle(handle, storage, url, study)
 
 
