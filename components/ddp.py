@@ -14,7 +14,8 @@
   pruner) makes the parent write `ddp/stop.json`; the workers look for it at the end of each
   epoch (`stop_requested`: rank 0 looks, every rank hears), stop together after the epoch they
   are in and write their outputs as after early stopping. The epochs they trained after the
-  request still reach the callbacks.
+  request still reach the other callbacks (the tracker logs them); the one that asked hears no
+  more, as in one process.
 - Each worker (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK) joins the group (`process_group`):
   NCCL on GPUs, one GPU per local rank; gloo on CPU, with cores // N torch threads each so the
   processes don't fight over cores. Collectives time out after TIMEOUT_S (TIMEOUT_ENV overrides
@@ -139,8 +140,9 @@ def launch(params: Params, n: int, callbacks: Sequence[Any],
            "--redirects", "3", "--tee", "3", "--local-ranks-filter", "0",
            "-m", WORKER_MODULE, "--params", str(folder / DEFAULT_PARAMS)]
     proc = subprocess.Popen(cmd, env=_worker_env(params, n), stdout=2, stderr=2)
+    listening = list(callbacks)  # less those that asked to stop
     try:
-        followed = _follow(proc, Path(params.paths.train), callbacks, epoch_done)
+        followed = _follow(proc, Path(params.paths.train), listening, epoch_done)
     finally:
         if proc.poll() is None:  # the parent was interrupted: take the workers down with it
             proc.terminate()
@@ -151,7 +153,7 @@ def launch(params: Params, n: int, callbacks: Sequence[Any],
     if followed is None:  # over before the parent saw where it started
         started(callbacks, result["resumed_from"])
     after = result["resumed_from"] if followed is None else followed
-    _deliver(Path(params.paths.train), after, result["epochs"], callbacks, epoch_done)
+    _deliver(Path(params.paths.train), after, result["epochs"], listening, epoch_done)
     # asked after the last epoch: too late to stop, still said, as train says it in one process
     result["stopped_by"] = result["stopped_by"] or _stop_reason(folder)
     return result
@@ -188,7 +190,7 @@ def _model_module(name: str) -> str | None:
     return None if module.startswith(("timm.", "components.")) else module
 
 
-def _follow(proc: subprocess.Popen, out: Path, callbacks: Sequence[Any],
+def _follow(proc: subprocess.Popen, out: Path, callbacks: list[Any],
             epoch_done: EpochDone) -> int | None:
     """Hand history rows to the callbacks as rank 0 writes them, until the workers end, and once
     more after: a failed run's last epochs reach them too (each row has its checkpoint: train
@@ -222,7 +224,7 @@ def started(callbacks: Sequence[Any], resumed_from: int) -> None:
             cb.on_train_start(resumed_from)
 
 
-def _deliver(out: Path, after: int, upto: int | None, callbacks: Sequence[Any],
+def _deliver(out: Path, after: int, upto: int | None, callbacks: list[Any],
              epoch_done: EpochDone) -> int:
     """The epochs after `after` (up to `upto`) to the callbacks; the first request to stop goes
     to the workers in ddp/stop.json. The last epoch delivered."""
@@ -231,11 +233,24 @@ def _deliver(out: Path, after: int, upto: int | None, callbacks: Sequence[Any],
     stop = out / files.DDP / files.STOP
     for row in rows:
         if row["epoch"] > after and (upto is None or row["epoch"] <= upto):
-            reason = epoch_done(callbacks, row["epoch"], row)
+            reason = _hear(callbacks, row["epoch"], row, epoch_done)
             if reason and not stop.exists():
                 write_json(stop, {"reason": reason, "epoch": row["epoch"]})
             after = row["epoch"]
     return after
+
+
+def _hear(callbacks: list[Any], epoch: int, row: dict, epoch_done: EpochDone) -> str | None:
+    """Each callback hears the epoch; one that asks to stop leaves `callbacks` and hears no more,
+    as in one process, where the run ends there (the workers may be an epoch further on). The
+    first reason."""
+    reasons = []
+    for cb in list(callbacks):
+        reason = epoch_done([cb], epoch, row)
+        if reason:
+            callbacks.remove(cb)
+            reasons.append(reason)
+    return reasons[0] if reasons else None
 
 
 def _stop_reason(folder: Path) -> str | None:

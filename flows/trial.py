@@ -115,8 +115,6 @@ class Reporter:
         self.trial.set_user_attr("mlflow_run", run["run_id"])
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
-        if self.pruned:  # on several devices, the workers finish the epoch they were in
-            return
         value = metrics.get(self.metric)
         if value is None:
             raise UserError(f"search.metric {self.metric} is not measured: the data has no "
