@@ -23,11 +23,17 @@ the floor (the median of --repeats `python -c "import torch"`, measured first an
   installed (pip freeze says so), the pull step's record of that is written first, so no run
   pip-installs.
 
+The steps run as they do by default, in the warm runner (components/warm.py; its servers in a
+folder of this run's, stopped at the end): the untimed first pass starts its server. `--warm off`
+measures them each in a process of its own, as before it (CNN_PIPELINE_WARM=0).
+
 Each figure is wall seconds, and beside it CPU seconds (user + system of the command and the
-children it waited for; of this process for the pictures), each also in floors (the floor's own
-wall or CPU seconds): on a machine shared with other work the CPU figures move less.
+children it waited for, and of the warm runner's server and its children; of this process for the
+pictures), each also in floors (the floor's own wall or CPU seconds): on a machine shared with
+other work the CPU figures move less.
 
     .venv/bin/python bench/bench_loop.py [--repeats 3] [--only steps,pictures,refusals,dvc,exp]
+                                         [--warm on|off]
     .venv/bin/python bench/bench_loop.py --only prefect
 """
 
@@ -67,11 +73,15 @@ REFUSALS = {
 }
 
 
+WARM = {"CNN_PIPELINE_WARM": "1", "CNN_PIPELINE_WARM_DIR": ""}  # set in main()
+
+
 def env() -> dict[str, str]:
-    """This environment's executables first, the embedded MLflow store, the project's own code."""
+    """This environment's executables first, the embedded MLflow store, the project's own code,
+    the warm runner as main() says."""
     out = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH", "PREFECT_API_URL")}
-    return {**out, "PATH": f"{BIN}:{out['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    return {**out, "PATH": f"{BIN}:{out['PATH']}", "DVC_NO_ANALYTICS": "1", **WARM}
 
 
 @dataclass(frozen=True)
@@ -85,7 +95,19 @@ class Took:
 
 def _cpu() -> float:
     used = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return used.ru_utime + used.ru_stime
+    return used.ru_utime + used.ru_stime + _servers_cpu()
+
+
+def _servers_cpu() -> float:
+    """CPU seconds of the warm runner's servers and the children they ran (the steps)."""
+    from components import warm
+
+    total = 0.0
+    for server in warm.servers(Path(WARM["CNN_PIPELINE_WARM_DIR"])):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{server['pid']}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True,
@@ -332,6 +354,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default=",".join(p for p in PARTS if p != "prefect"),
                         help=f"comma-separated parts: {', '.join(PARTS)}")
+    parser.add_argument("--warm", choices=["on", "off"], default="on",
+                        help="the steps in the warm runner (the default) or each in a process of "
+                             "its own")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     if parts - set(PARTS):
@@ -340,25 +365,36 @@ def main() -> None:
     ref = floor(args.repeats)
     print(f"floor: python -c 'import torch' {ref.wall:.2f} s, cpu {ref.cpu:.2f} s (median of "
           f"{args.repeats})", flush=True)
+    print(f"warm runner: {args.warm}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_loop_") as tmp:
-        project = committed_copy(Path(tmp) / "project")
-        run(["dvc", "repro"], project)  # data, model and MLflow store in place, caches warm
-        train_own = None
-        if "steps" in parts:
-            train_own = steps(project, args.repeats, ref)["train"]
-        if "pictures" in parts:
-            pictures(project, args.repeats, ref)
-        if "refusals" in parts:
-            refusals(project, args.repeats, ref)
-        if "dvc" in parts:
-            main_job(project, args.repeats, ref)
-        if "exp" in parts:
-            experiment(project, args.repeats, ref, train_own)
-        if "prefect" in parts:
-            prefect(project, args.repeats, ref)
+        WARM.update(CNN_PIPELINE_WARM="1" if args.warm == "on" else "0",
+                    CNN_PIPELINE_WARM_DIR=str(Path(tmp) / "warm"))
+        try:
+            measure(Path(tmp), parts, args.repeats, ref)
+        finally:
+            run([sys.executable, "-m", "components.warm", "stop"], ROOT, check=False)
     after = floor(args.repeats)
     print(f"floor again at the end: {after.wall:.2f} s, cpu {after.cpu:.2f} s; load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
+
+
+def measure(tmp: Path, parts: set[str], repeats: int, ref: Took) -> None:
+    """The parts asked for, in a committed copy of the project."""
+    project = committed_copy(tmp / "project")
+    run(["dvc", "repro"], project)  # data, model and MLflow store in place, caches warm
+    train_own = None
+    if "steps" in parts:
+        train_own = steps(project, repeats, ref)["train"]
+    if "pictures" in parts:
+        pictures(project, repeats, ref)
+    if "refusals" in parts:
+        refusals(project, repeats, ref)
+    if "dvc" in parts:
+        main_job(project, repeats, ref)
+    if "exp" in parts:
+        experiment(project, repeats, ref, train_own)
+    if "prefect" in parts:
+        prefect(project, repeats, ref)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ that start with it, for an image folder) or the prepared data's manifest (augmen
 evaluate, register, export). Writes nothing. flows/__init__.py imports the components package,
 so the preflight runs once for a flow too.
 
+A step (one of dvc.yaml's) that passes then starts in the warm runner when it can (components/
+warm.py): a fork of a process that has its libraries imported already.
+
 For every entry point it also registers `cli.quick_exit` as the process's first exit handler, so
 that it runs after all others: the process then ends without the interpreter's last garbage
 collections.
@@ -37,7 +40,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from components import cli
+from components import cli, step_code
 from components.params import Params, UserError
 from components.prepared import read_manifest
 
@@ -91,7 +94,8 @@ def main_module() -> str | None:
 def run() -> None:
     """Refuse `python -m <entry point>` now when its settings or input data are wrong; end it,
     whatever its outcome, with `cli.quick_exit`."""
-    check = ENTRY_POINTS.get(main_module() or "")
+    name = main_module() or ""
+    check = ENTRY_POINTS.get(name)
     if check is None:
         return
     atexit.register(cli.quick_exit)  # the first registered runs last
@@ -104,3 +108,7 @@ def run() -> None:
         return
     with cli.user_errors():
         check(cli.load(args))
+    if name in {f"components.{step}" for step in step_code.STEPS}:
+        from components import warm  # the settings and data are fine: start it warm, if it can
+
+        warm.delegate(name)
