@@ -13,10 +13,12 @@ SIGTERM) are passed on to the child; a command that is killed takes its child wi
 
 What stays the same: the step's outputs, messages and exit codes. Only third-party libraries are
 imported ahead (which ones, `step_code.libraries` computes from the steps' imports, plus LAZY);
-project modules are imported afresh in each child, so an edit to the code counts at once. One
-server serves one project, one interpreter and one environment: another of any of them (the
-installed packages, a variable; not DVC's own DVC_* nor PWD, OLDPWD, SHLVL) gets a server of its
-own. A server ends after `CNN_PIPELINE_WARM_IDLE_S` seconds (default 900) without a step.
+project modules are imported afresh in each child, from the command's folder, so an edit to the
+code counts at once and one server serves every copy of the project (`dvc exp run --temp` and
+the queue run in copies). One server serves one interpreter and one environment: another of
+either (the installed packages, a variable; not DVC's own DVC_* nor PWD, OLDPWD, SHLVL) gets a
+server of its own. A server ends after `CNN_PIPELINE_WARM_IDLE_S` seconds (default 900) without a
+step.
 
 Where it does not start, a step runs as before, in its own process: off (`CNN_PIPELINE_WARM=0`),
 not Linux, the first step of a session (it starts the server and runs cold beside it), a server
@@ -155,15 +157,15 @@ def _folder() -> Path | None:
 
 
 def fingerprint() -> str:
-    """What a server must share with a command it serves: the project, this file, the
-    interpreter and its flags, the installed packages (their folders' change times) and the
-    environment."""
+    """What a server must share with a command it serves: this file, the interpreter and its
+    flags, the installed packages (their folders' change times) and the environment; not the
+    project's folder (the child imports the project from the command's)."""
     here = {ROOT, Path.cwd().resolve()}  # the project's and the command's folders change a lot
     packages = {p: os.stat(p).st_mtime_ns for p in sys.path
                 if p and os.path.isdir(p) and Path(p).resolve() not in here}
     env = {k: v for k, v in os.environ.items()
            if k not in PER_COMMAND and not k.startswith(PER_COMMAND_PREFIXES)}
-    facts = [str(ROOT), hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+    facts = [hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
              sys.executable, sys.version, repr(sys.flags), sys.warnoptions,
              sorted(map(str, sys._xoptions.items())),
              sorted(packages.items()), sorted(env.items())]
@@ -452,7 +454,7 @@ def _accept(listener: socket.socket, children: dict[int, Child]) -> dict | None:
 
 def become(request: dict) -> None:
     """In a fresh child: take on the command's stdio, directory, environment and arguments, and
-    forget the project modules the server imported."""
+    forget the project modules the server imported (from the folder it was started in)."""
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)

@@ -176,6 +176,14 @@ def test_which_variables_need_a_server_of_their_own(monkeypatch, name, value, sa
     assert (warm.fingerprint() == before) is same
 
 
+def test_another_folder_of_the_project_shares_the_server(monkeypatch, tmp_path):
+    """`dvc exp run --temp` and DVC's queue run each experiment in a copy of the project: the
+    copies' steps import their own code in the child, and share one server."""
+    before = warm.fingerprint()
+    monkeypatch.chdir(tmp_path)
+    assert warm.fingerprint() == before
+
+
 def test_what_the_server_imports_ahead():
     ahead = warm.libraries()
     assert {"torch", "mlflow", "sklearn.metrics", "matplotlib.figure", "timm", "onnx"} <= set(ahead)
