@@ -334,15 +334,15 @@ def libraries() -> list[str]:
 
 def _import_ahead() -> str | None:
     """Import `libraries()`; what makes this process unsafe to fork, if anything."""
-    started = time.perf_counter()
-    for name in libraries():
+    started, names = time.perf_counter(), libraries()
+    for name in names:
         try:
             importlib.import_module(name)
         except ImportError:  # a name of an attribute, or an optional extra
             pass
         except Exception as err:  # noqa: BLE001 - the step that needs it will say so itself
             _log(f"importing {name} failed: {err!r}")
-    _log(f"imported {len(libraries())} names in {time.perf_counter() - started:.1f} s")
+    _log(f"imported {len(names)} names in {time.perf_counter() - started:.1f} s")
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         return "CUDA was initialised while importing; a fork cannot use it"

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from components import files, prepared
+from components import files, prepared, warm
 from components.params import DEFAULT_PARAMS, Params, UserError, load_params
 from components.step_code import code_hashes
 
@@ -104,7 +104,7 @@ def _dvc(*args: str) -> subprocess.CompletedProcess:
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True,
                           env={**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1",
-                               "CNN_PIPELINE_WARM": "0"})
+                               warm.SWITCH: "0"})
 
 
 def dvc_stage(params: Params, stage: str = "prepare") -> bool:
