@@ -42,6 +42,8 @@ BEAT_S = 5.0  # the driver's heartbeat
 STALE_S = 60.0  # a driver silent this long is gone, whatever else is known about it
 SETTLE_S = 1.0  # after claiming: long enough for a rival's claim to land, read back to check
 CLAIM_WAIT_S = 60.0  # how long a claim may keep being slower than SETTLE_S (a busy database)
+CREATE_TRIES = 6  # processes opening one new storage at once: all but one lose a race, try again
+CREATE_BACKOFF_S = 0.25
 STUDY_SETTINGS = ("data", "augment", "model", "train")  # with search's: what a trial computes
 SEARCH_KEYS = ("metric", "direction", "sampler", "pruner", "startup_trials", "min_epochs",
                "seed", "space")
@@ -70,11 +72,26 @@ def open_storage(url: str):
         kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     else:
         kwargs = {"pool_pre_ping": True}  # a server's idle connections are closed under us
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except Exception as err:  # a driver missing, a server down, a bad URL: say which storage
-        raise UserError(f"Optuna storage {shown(url)} cannot be opened: {err}. Fix "
-                        f"search.storage or {STORAGE_ENV}") from None
+    for attempt in range(1, CREATE_TRIES + 1):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except Exception as err:  # a driver missing, a server down, a bad URL: say which storage
+            if attempt < CREATE_TRIES and _lost_creation_race(err):
+                time.sleep(CREATE_BACKOFF_S * attempt)
+                continue
+            raise UserError(f"Optuna storage {shown(url)} cannot be opened: {err}. Fix "
+                            f"search.storage or {STORAGE_ENV}") from None
+
+
+def _lost_creation_race(err: Exception) -> bool:
+    """Another process was creating the same new storage's tables at the same moment (Optuna
+    checks, then creates): a table, or the row recording the schema's version, is already there.
+    Opened again a moment later, the storage is found made."""
+    from sqlalchemy import exc
+
+    if isinstance(err, exc.IntegrityError):
+        return True
+    return isinstance(err, exc.DBAPIError) and "already exists" in str(err.orig)
 
 
 def settings(params: Params) -> dict[str, Any]:
