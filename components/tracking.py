@@ -83,6 +83,8 @@ BACKOFF_S = (0.5, 30.0)  # first and longest wait between delivery attempts
 BATCH = 1000  # MLflow's limits per log_batch: metrics, and tags or params
 TAG_BATCH = 100
 UNSAFE_KEY = re.compile(r"[^\w\-. :/]")  # MLflow refuses other characters in metric keys
+# A database's unique-key violation (PostgreSQL, SQLite, MySQL), as MLflow's server passes it on.
+DUPLICATE_KEY = re.compile(r"duplicate key|UNIQUE constraint failed|Duplicate entry", re.I)
 GIT_ENV = ("CNN_PIPELINE_GIT_COMMIT", "CNN_PIPELINE_GIT_DIRTY")  # git_state where git is not
 
 
@@ -448,25 +450,12 @@ class Tracker:
             self.client.log_batch(self.run_id, params=flat[i:i + TAG_BATCH],
                                   tags=flat_tags[i:i + TAG_BATCH], synchronous=True)
         if not reuse:
-            self._log_dataset(tags)
+            log_dataset(self.client, self.run_id, self.params, tags)
             self._log_inputs()
         write_json(self.folder / files.RUN, {
             "run_id": self.run_id, "tracking_uri": shown(self.uri),  # no password in files
             "experiment_id": self.experiment_id,
         })
-
-    def _log_dataset(self, tags: dict[str, str]) -> None:
-        import mlflow.data
-
-        folder = Path(self.params.paths.prepared)
-        train = load_split(folder, "train")
-        with warnings.catch_warnings():  # "source can be interpreted in multiple ways": all local
-            warnings.simplefilter("ignore", UserWarning)
-            ds = mlflow.data.from_numpy(train.x, targets=train.y, source=str(folder.resolve()),
-                                        name=tags["data.name"], digest=tags["data.hash"])
-        entity = Dataset(**ds.to_dict())
-        context = InputTag("mlflow.data.context", "train")
-        self.client.log_inputs(self.run_id, [DatasetInput(entity, [context])])
 
     def _log_inputs(self) -> None:
         augment = Path(self.params.paths.augment)
@@ -633,6 +622,29 @@ def experiment_id(client: MlflowClient, params: Params) -> str:
     if found.lifecycle_stage == LifecycleStage.DELETED:
         client.restore_experiment(found.experiment_id)
     return found.experiment_id
+
+
+def log_dataset(client: MlflowClient, run_id: str, params: Params, tags: dict[str, str]) -> None:
+    """The prepared train split as the run's dataset input (name and digest from lineage tags)."""
+    import mlflow.data
+
+    folder = Path(params.paths.prepared)
+    train = load_split(folder, "train")
+    with warnings.catch_warnings():  # "source can be interpreted in multiple ways": all local
+        warnings.simplefilter("ignore", UserWarning)
+        ds = mlflow.data.from_numpy(train.x, targets=train.y, source=str(folder.resolve()),
+                                    name=tags["data.name"], digest=tags["data.hash"])
+    inputs = [DatasetInput(Dataset(**ds.to_dict()), [InputTag("mlflow.data.context", "train")])]
+    try:
+        client.log_inputs(run_id, inputs)
+    except MlflowException as err:
+        # Two runs of one experiment logging the same data at the same moment: MLflow's store
+        # looks for the dataset, then inserts it, and the later insert breaks the unique key
+        # (a 400, which the client does not retry). The winner's row is in by then: this run
+        # is linked to it on a second try.
+        if not DUPLICATE_KEY.search(str(err)):
+            raise
+        client.log_inputs(run_id, inputs)
 
 
 def _new_run(client: MlflowClient, params: Params) -> Run:
