@@ -9,7 +9,6 @@ As in tests/test_e2e_prefect.py, workers clone the project as committed in a tem
 
 import asyncio
 import json
-import multiprocessing as mp
 import os
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from components.params import load_params
 from components.tracking import lineage, log_dataset
 from tests.postgres import Postgres, postgres_server
 from tests.projects import CLONE, Stack, committed_copy
+from tests.racing import at_once
 from tests.servers import BIN, api_post, mlflow_server, prefect_server, prefect_worker
 
 pytestmark = pytest.mark.slow
@@ -169,16 +169,6 @@ def test_two_trainings_at_once_on_postgres_servers(pg_stack):
     assert all("duplicate key value violates unique constraint" in e for e in errors), errors
 
 
-def _log_dataset_at_once(uri: str, params, tags: dict, experiment: str, barrier, errors) -> None:
-    client = MlflowClient(uri)
-    run = client.create_run(experiment)
-    barrier.wait()
-    try:
-        log_dataset(client, run.info.run_id, params, tags)
-    except Exception as err:  # noqa: BLE001 (reported to the test)
-        errors.put(f"{type(err).__name__}: {err}"[:500])
-
-
 def test_two_runs_logging_the_same_dataset_at_once_both_get_it(pg_stack, digits, tmp_path):
     """MLflow's store looks for a dataset, then inserts it: two trainings on the same data
     starting together collide on its key (in CI this failed train's first try, and the retry
@@ -187,19 +177,13 @@ def test_two_runs_logging_the_same_dataset_at_once_both_get_it(pg_stack, digits,
     path = tmp_path / "params.yaml"
     path.write_text(f"paths:\n  prepared: {digits / 'prepared'}\n")
     params, client = load_params(path), MlflowClient(stack.mlflow)
-    tags, context = lineage(params), mp.get_context("fork")
+    tags = lineage(params)
     for round_ in range(3):
         experiment = client.create_experiment(f"dataset-race-{round_}")
-        barrier, errors = context.Barrier(2), context.Queue()
-        racers = [context.Process(target=_log_dataset_at_once,
-                                  args=(stack.mlflow, params, tags, experiment, barrier, errors))
-                  for _ in range(2)]
-        for racer in racers:
-            racer.start()
-        for racer in racers:
-            racer.join(120)
-        assert [r.exitcode for r in racers] == [0, 0]
-        assert errors.empty(), errors.get()
+        ids = [client.create_run(experiment).info.run_id for _ in range(2)]
+        errors = at_once(lambda i, ids=ids: log_dataset(MlflowClient(stack.mlflow), ids[i],
+                                                        params, tags), 2)
+        assert not errors, errors[0]
         runs = client.search_runs([experiment])
         assert len(runs) == 2
         assert [[d.dataset.digest for d in r.inputs.dataset_inputs] for r in runs] == [

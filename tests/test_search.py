@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -30,6 +29,7 @@ from flows import study as study_mod
 from flows.launchers import ProcessLauncher
 from flows.search import best_value, preflight, suggest
 from flows.trial import Reporter, parse_ref
+from tests.racing import at_once
 
 ROOT = Path(__file__).resolve().parents[1]
 RACERS = 5
@@ -135,30 +135,15 @@ def test_a_study_is_found_again_only_with_its_own_settings(tmp_path):
         study_mod.open_study(named)
 
 
-def _open_at_once(url: str, barrier, errors) -> None:
-    barrier.wait()
-    try:
-        optuna.get_all_study_names(study_mod.open_storage(url))
-    except Exception as err:  # noqa: BLE001 (reported to the test)
-        errors.put(f"{type(err).__name__}: {err}")
-
-
 def test_a_new_storage_opened_by_several_processes_at_once_opens_in_each(tmp_path):
     """Optuna checks for its tables, then creates them: processes that open a new storage at the
     same moment (two searches started together, a test watching one) collide. Before the retry,
     4 of every 10 such opens failed here with "table ... already exists" or a UNIQUE constraint."""
-    context = mp.get_context("fork")
     for round_ in range(3):
         url = f"sqlite:///{tmp_path / f'race{round_}' / files.STUDY_DB}"
-        barrier, errors = context.Barrier(RACERS), context.Queue()
-        racers = [context.Process(target=_open_at_once, args=(url, barrier, errors))
-                  for _ in range(RACERS)]
-        for racer in racers:
-            racer.start()
-        for racer in racers:
-            racer.join(120)
-        assert [r.exitcode for r in racers] == [0] * RACERS
-        assert errors.empty(), errors.get()
+        errors = at_once(lambda _, url=url: optuna.get_all_study_names(
+            study_mod.open_storage(url)), RACERS)
+        assert not errors, errors[0]
 
 
 def test_lost_creation_races_are_told_from_other_storage_errors():
