@@ -146,21 +146,24 @@ def test_a_new_storage_opened_by_several_processes_at_once_opens_in_each(tmp_pat
         assert not errors, errors[0]
 
 
-def test_lost_creation_races_are_told_from_other_storage_errors():
-    def error(kind, message):
-        return kind("INSERT ...", {}, Exception(message))
+CREATION_ERRORS = [  # (error, opened again?)
+    (sqlalchemy.exc.IntegrityError("INSERT", {}, Exception(
+        "UNIQUE constraint failed: alembic_version.version_num")), True),
+    (sqlalchemy.exc.OperationalError("CREATE", {}, Exception("table trials already exists")),
+     True),
+    (sqlalchemy.exc.ProgrammingError("CREATE", {}, Exception(
+        'relation "studies" already exists')), True),  # PostgreSQL
+    (sqlalchemy.exc.OperationalError("connect", {}, Exception("unable to open database file")),
+     False),
+    (sqlalchemy.exc.OperationalError("connect", {}, Exception("connection refused")), False),
+    (ValueError("already exists"), False),  # not the database's
+]
 
-    assert study_mod._lost_creation_race(error(sqlalchemy.exc.IntegrityError,
-                                               "UNIQUE constraint failed: alembic_version"))
-    assert study_mod._lost_creation_race(error(sqlalchemy.exc.OperationalError,
-                                               "table trials already exists"))
-    assert study_mod._lost_creation_race(error(sqlalchemy.exc.ProgrammingError,
-                                               'relation "studies" already exists'))
-    assert not study_mod._lost_creation_race(error(sqlalchemy.exc.OperationalError,
-                                                   "unable to open database file"))
-    assert not study_mod._lost_creation_race(error(sqlalchemy.exc.OperationalError,
-                                                   "connection refused"))
-    assert not study_mod._lost_creation_race(ValueError("already exists"))
+
+@pytest.mark.parametrize(("error", "again"), CREATION_ERRORS,
+                         ids=[str(e).splitlines()[0][:50] for e, _ in CREATION_ERRORS])
+def test_lost_creation_races_are_told_from_other_storage_errors(error, again):
+    assert study_mod._lost_creation_race(error) is again
 
 
 def test_a_second_search_on_a_live_study_is_refused_naming_the_first(tmp_path):
