@@ -160,9 +160,10 @@ def test_two_trainings_at_once_on_postgres_servers(pg_stack):
     for name, text in _logs(stack, pg).items():
         assert "database is locked" not in text, name
         assert "Traceback" not in text, f"{name}:\n{text[-4000:]}"
-    # The only errors PostgreSQL may report are lost insert races that the servers handle: two
-    # pipelines creating the registered model at once, and MLflow 3 logging a run's metrics
-    # again for a model logged in it (its store drops the duplicates). A deadlock, a
+    # The only errors PostgreSQL may report are lost insert races that are handled: two
+    # pipelines creating the registered model or logging the same dataset at once (tracking's
+    # log_dataset tries again), and MLflow 3 logging a run's metrics again for a model logged in
+    # it (its store drops the duplicates). A deadlock, a
     # serialization failure or running out of connections fails here.
     errors = [line for line in pg.log().splitlines() if " ERROR: " in line or " FATAL: " in line
               or " PANIC: " in line]
@@ -171,8 +172,9 @@ def test_two_trainings_at_once_on_postgres_servers(pg_stack):
 
 def test_two_runs_logging_the_same_dataset_at_once_both_get_it(pg_stack, digits, tmp_path):
     """MLflow's store looks for a dataset, then inserts it: two trainings on the same data
-    starting together collide on its key (in CI this failed train's first try, and the retry
-    left an untagged run). Without the second try in log_dataset, 7 of 8 such rounds failed."""
+    starting together collide on its key, and train fails (the likely cause of a CI run of the
+    test above that found a run without its flow run's tag: train's retry starts a new run).
+    Without the second try in log_dataset, 7 of 8 such rounds failed here."""
     stack, _ = pg_stack
     path = tmp_path / "params.yaml"
     path.write_text(f"paths:\n  prepared: {digits / 'prepared'}\n")
