@@ -23,9 +23,6 @@ that start with it, for an image folder) or the prepared data's manifest (augmen
 evaluate, register, export). Writes nothing. flows/__init__.py imports the components package,
 so the preflight runs once for a flow too.
 
-A step (one of dvc.yaml's) that passes then starts in the warm runner when it can (components/
-warm.py): a fork of a process that has its libraries imported already.
-
 For every entry point it also registers `cli.quick_exit` as the process's first exit handler, so
 that it runs after all others: the process then ends without the interpreter's last garbage
 collections.
@@ -40,7 +37,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from components import cli, step_code
+from components import cli
 from components.params import Params, UserError
 from components.prepared import read_manifest
 
@@ -108,7 +105,3 @@ def run() -> None:
         return
     with cli.user_errors():
         check(cli.load(args))
-    if name in {f"components.{step}" for step in step_code.STEPS}:
-        from components import warm  # the settings and data are fine: start it warm, if it can
-
-        warm.delegate(name)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,15 +62,6 @@ def code_hashes(module: str) -> dict[str, str]:
     """sha256 of each file of `module`'s code, by path: what train's fingerprint compares."""
     return {path: hashlib.sha256((ROOT / path).read_bytes()).hexdigest()
             for path in step_code(module)}
-
-
-def libraries(*paths: str) -> list[str]:
-    """The modules outside the project and the standard library that the files at `paths` import,
-    as written (`from torch import nn` gives torch and torch.nn; some such names are attributes,
-    not modules): what components/warm.py imports before any step asks for them."""
-    names = {name for path in paths for name in _imports(path) if name}
-    return sorted(name for name in names if name.split(".")[0] not in PACKAGES
-                  and name.split(".")[0] not in sys.stdlib_module_names)
 
 
 def _file(module: str) -> str | None:

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from components import files, prepared, warm
+from components import files, prepared
 from components.params import DEFAULT_PARAMS, Params, UserError, load_params
 from components.step_code import code_hashes
 
@@ -100,11 +100,9 @@ def still_valid(cached: dict[str, Any], params: Params) -> bool:
 
 def _dvc(*args: str) -> subprocess.CompletedProcess:
     # Stage commands say `python`: this interpreter's, whatever PATH the worker was started with.
-    # The flow runs the other steps in-process: a warm runner's server would serve nothing.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True,
-                          env={**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1",
-                               warm.SWITCH: "0"})
+                          env={**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1"})
 
 
 def dvc_stage(params: Params, stage: str = "prepare") -> bool:

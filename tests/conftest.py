@@ -21,13 +21,8 @@ import torch
 import torch.nn as nn
 from timm.models import register_model
 
-from components import warm
 from components.params import Params
 from tests.projects import BIN, Stack, committed_copy, tracking_into
-
-# The warm runner (components/warm.py) stays off in the suite: the many environments the tests make
-# would each start a server of its own. tests/test_warm.py turns it on for its own commands.
-os.environ[warm.SWITCH] = "0"
 
 FAULT_ENV = "TEST_DDP_FAULT"  # error | oom | hang: what fake_fails_on_rank_1 does on rank 1
 

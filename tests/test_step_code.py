@@ -104,11 +104,10 @@ def test_the_served_models_code_is_registers():
 def test_excluded_modules_compute_nothing_a_step_outputs(path):
     """An excluded module exists, some step imports it, and it imports nothing that computes:
     no step, no model or data code, no torch (only settings and the command line that reads them,
-    file names and other excluded modules, the prepared data's reader for a dataset record, and
-    the warm runner with step_code: they start a step, which then runs its own code)."""
+    file names and other excluded modules, and the prepared data's reader for a dataset record)."""
     assert (ROOT / path).is_file(), f"{path} is excluded but does not exist"
     allowed = {"components", "components.params", "components.cli", "components.files",
-               "components.prepared", "components.step_code", "components.warm",
+               "components.prepared",
                *(p.removesuffix(".py").replace("/", ".") for p in EXCLUDED)}
     imported = _project_imports(ROOT / path)
     assert imported <= allowed, f"{path} imports {sorted(imported - allowed)}"
