@@ -155,7 +155,7 @@ class Train(Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: float = Field(0.0, ge=0.0, le=1e6)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = False
+    channels_last: bool | Literal["auto"] = "auto"
     compile: bool = False
     cudnn_benchmark: bool = False
     ema: float = Field(0.0, ge=0.0, lt=1.0)

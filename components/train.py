@@ -249,7 +249,7 @@ def epoch_done(callbacks: Sequence[Callback], epoch: int, row: dict) -> str | No
 def _build(params: Params, manifest, policy, device, precision,
            world: ddp.World) -> tuple[Loop, dict]:
     cfg = params.train
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    fmt = recipe.memory_format(cfg.channels_last, precision)
     model, spec = recipe.create_model(params.model, manifest)
     model.to(device=device, memory_format=fmt)
     augment = transforms.make_batch_augment(policy, len(manifest["classes"]))

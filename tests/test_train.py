@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
 from components import checkpoint as ckpt
@@ -31,7 +32,7 @@ from components.params import ParamsError, Train, UserError, load_params, valida
 from components.predict import score
 from components.prepared import class_names, load_split, read_manifest
 from components.train import NonFiniteLossError, class_weights, train, weighted_cross_entropy
-from tests.projects import REDUCED
+from tests.projects import REDUCED, ROOT
 
 TIMING = {"images_per_s", "epoch_s"}  # the only history fields that may differ between runs
 
@@ -375,6 +376,63 @@ def test_precision_and_memory_format_run_on_cpu(tmp_path, data, precision, chann
     assert result.precision == precision
     row = history(tmp_path / "train")[0]
     assert np.isfinite(row["train_loss"]) and row["val_acc"] > 0.1
+
+
+CPU, GPU = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize("device,gpu_bf16,features,precision,memory_format", [
+    (CPU, False, {"avx2", "avx512f", "avx512bw"}, "fp32", torch.contiguous_format),  # emulated
+    (CPU, False, {"avx512f", "avx512_bf16"}, "bf16", torch.channels_last),
+    (CPU, False, {"amx_tile", "amx_bf16"}, "bf16", torch.channels_last),
+    (CPU, False, {"asimd", "bf16"}, "bf16", torch.channels_last),  # Arm's BF16 extension
+    (CPU, False, set(), "fp32", torch.contiguous_format),  # no /proc/cpuinfo
+    (CPU, True, set(), "fp32", torch.contiguous_format),  # a GPU with bf16 does not count
+    (GPU, True, set(), "bf16", torch.channels_last),
+    (GPU, False, {"avx512_bf16"}, "fp16", torch.channels_last),
+])
+def test_auto_precision_and_memory_format_follow_the_hardware(device, gpu_bf16, features,
+                                                               precision, memory_format):
+    assert recipe.auto_precision(device, gpu_bf16, frozenset(features)) == precision
+    assert recipe.memory_format("auto", precision) == memory_format
+
+
+@pytest.mark.parametrize("setting,precision,memory_format", [
+    (True, "fp32", torch.channels_last), (False, "bf16", torch.contiguous_format)])
+def test_a_set_memory_format_is_kept(setting, precision, memory_format):
+    assert recipe.memory_format(setting, precision) == memory_format
+
+
+def test_cpu_features_read_the_kernels_flags(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
+    assert recipe.cpu_features(str(x86)) == {"fpu", "avx2", "avx512_bf16"}
+    assert "bf16" in recipe.cpu_features(str(arm))
+    assert recipe.cpu_features(str(tmp_path / "none")) == frozenset()
+
+
+SHIPPED_SETTINGS = ["params.yaml", "prefect.yaml", *(p.relative_to(ROOT).as_posix()
+                                                    for p in (ROOT / "configs").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("path", SHIPPED_SETTINGS)
+def test_no_shipped_config_pins_a_hardware_choice(path):
+    """precision and channels_last depend on the machine: every shipped settings file leaves
+    them to `auto` (params.yaml says auto; the others leave them out)."""
+    def pinned(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("precision", "channels_last") and value != "auto":
+                    yield f"{key}: {value}"
+                yield from pinned(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from pinned(item)
+
+    found = list(pinned(yaml.safe_load((ROOT / path).read_text())))
+    assert not found, f"{path} pins {found}: leave them to auto"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc tuning")
