@@ -4,6 +4,10 @@ Cases (`--only` picks one; by default all run in this order, resnet_cifar on CUD
 - overhead: raw_loop.py's settings (simple_cnn, batch 128, Adam 1e-3 — AdamW with weight decay 0
   is the same update — fp32, no augmentation, no label smoothing, warmup, EMA or clipping) once
   contiguous and once channels_last: train's images/s over raw_loop.py's. Target >= 0.97.
+- shipped: each configs/*.yaml as it is (precision and channels_last as `auto` resolves them on
+  this machine) against raw_loop.py with the same batch and memory format, in the same dtype
+  (raw_loop.py trains fp32; where auto picks bf16, raw_loop_bf16.py: its step under bf16
+  autocast): train's images/s over the reference's, target >= 0.97.
 - tutorial: configs/mnist_fast.yaml (train's recipe for simple_cnn on MNIST) for 2 epochs against
   tutorial_recipe.py --epochs 2: epoch time ratio (target >= 2.5) and test accuracy after each.
 - target: configs/mnist_fast.yaml as shipped; training seconds until test accuracy >= 99.0%
@@ -30,7 +34,7 @@ same 60,000 images and test on the same 10,000. Figures print as JSON lines; the
 each case is its summary. The load average (1 min) before each run is in its line.
 
     .venv/bin/python bench/bench_train.py [--mnist ../shared/datasets/mnist]
-        [--only overhead|tutorial|target|accuracy|resnet_cifar] [--repeats 2] [--epochs 2]
+        [--only overhead|shipped|tutorial|target|accuracy|resnet_cifar] [--repeats 2] [--epochs 2]
         [--threads N] [--device cpu|cuda] [--references ../shared/bench]
 
 On a shared machine, `--threads 1` gives steadier figures: two OpenMP threads on two busy cores
@@ -62,6 +66,7 @@ from components.augment import augment  # noqa: E402
 from components.params import Params, load_params, validate  # noqa: E402
 from components.prepare import prepare  # noqa: E402
 from components.prepared import load_split, read_manifest  # noqa: E402
+from components.recipe import memory_format, runtime  # noqa: E402
 from components.train import train  # noqa: E402
 from tests.formats import patterned, write_cifar10  # noqa: E402
 
@@ -86,6 +91,16 @@ TO_CUDA = {
          "torch.cuda.synchronize(); train_s = time.perf_counter() - t"),
     ],
 }
+# raw_loop.py's training step under bf16 autocast, as its user would write it: the reference for a
+# config whose `auto` precision resolves to bf16 (raw_loop.py itself trains in fp32).
+TO_BF16 = [
+    ("loss_fn = torch.nn.CrossEntropyLoss()",
+     "loss_fn = torch.nn.CrossEntropyLoss()\n"
+     "def step_loss(x, y):\n"
+     "    with torch.autocast(X.device.type, dtype=torch.bfloat16):\n"
+     "        return loss_fn(model(norm(x)), y)"),
+    ("loss_fn(model(norm(X[idx])), Y[idx]).backward()", "step_loss(X[idx], Y[idx]).backward()"),
+]
 RECIPE = ROOT / "configs" / "mnist_fast.yaml"
 TARGET_ACC = 0.99
 # raw_loop.py's settings, in train's terms; the cosine schedule cannot be turned off, but it only
@@ -183,7 +198,7 @@ class Workspace:
 
     def __init__(self, folder: Path, mnist: Path, device: str, references: Path):
         self.folder, self.mnist, self.device, self.runs = folder, mnist, device, 0
-        self.references = references if device == "cpu" else cuda_references(references, folder)
+        self.references = copy_references(references, folder, device)
 
     def params(self, raw: dict, overrides: dict) -> Params:
         """`raw` (a params file's contents) with `overrides` merged in, pointed at this folder."""
@@ -226,20 +241,27 @@ class Workspace:
                      "test_acc": [r.get("test_acc") for r in epochs], "model_pt": result})
 
 
-def cuda_references(folder_in: Path, folder: Path) -> Path:
-    """Copies of the reference scripts that train on the GPU (TO_CUDA), beside their model."""
-    out = folder / "references-cuda"
+def copy_references(folder_in: Path, folder: Path, device: str) -> Path:
+    """Copies of the reference scripts beside their model, moved to the GPU for `device` cuda
+    (TO_CUDA), and raw_loop_bf16.py: raw_loop.py under bf16 autocast (TO_BF16)."""
+    out = folder / f"references-{device}"
     out.mkdir()
     (out / "reference_model.py").write_text((folder_in / "reference_model.py").read_text())
-    for script, changes in TO_CUDA.items():
-        text = (folder_in / script).read_text()
-        for old, new in changes:
-            if text.count(old) != 1:
-                sys.exit(f"{folder_in / script}: expected {old!r} once, found it "
-                         f"{text.count(old)} times; update TO_CUDA in {__file__}")
-            text = text.replace(old, new)
-        (out / script).write_text(text)
+    for script in TO_CUDA:
+        changes = TO_CUDA[script] if device == "cuda" else []
+        (out / script).write_text(changed(folder_in / script, changes))
+    (out / "raw_loop_bf16.py").write_text(changed(out / "raw_loop.py", TO_BF16))
     return out
+
+
+def changed(script: Path, changes: list[tuple[str, str]]) -> str:
+    text = script.read_text()
+    for old, new in changes:
+        if text.count(old) != 1:
+            sys.exit(f"{script}: expected {old!r} once, found it {text.count(old)} times; "
+                     f"update TO_CUDA or TO_BF16 in {__file__}")
+        text = text.replace(old, new)
+    return text
 
 
 def digest(obj) -> str:
@@ -286,6 +308,40 @@ def overhead(ws: Workspace, args) -> None:
               "pair_ratios": [round(o["img_s"] / r["img_s"], 3)
                               for r, o in zip(refs, ours, strict=True)],
               "best_epoch_ratio": round(fastest_epoch(ours) / fastest_epoch(refs), 3),
+              "target": 0.97})
+
+
+def shipped(ws: Workspace, args) -> None:
+    """Each shipped config (configs/*.yaml) as it is, against raw_loop.py with the same batch,
+    dtype and memory format as `auto` resolves them here (raw_loop_bf16.py where that is bf16)."""
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        params = ws.params(yaml.safe_load(path.read_text()), {})
+        if params.data.source != "mnist":
+            emit({"case": "shipped", "config": path.name, "skipped": "raw_loop.py is MNIST only"})
+            continue
+        _, precision = runtime(params.train)
+        fmt = memory_format(params.train.channels_last, precision)
+        layout = "channels_last" if fmt == torch.channels_last else "contiguous"
+        script = {"fp32": "raw_loop.py", "bf16": "raw_loop_bf16.py"}.get(precision)
+        if script is None:
+            emit({"case": "shipped", "config": path.name, "skipped": f"no {precision} reference"})
+            continue
+        tag = {"case": "shipped", "config": path.name, "precision": precision, "layout": layout}
+        flags = ["--batch", str(params.train.batch_size),
+                 *(["--channels-last"] if layout == "channels_last" else [])]
+        refs, ours, fp32 = [], [], []
+        for _ in range(args.repeats):
+            refs.append(reference(ws, script, params.train.epochs, tag, *flags))
+            ours.append(ws.train(params, tag))
+            if script != "raw_loop.py":  # what auto chose against plain fp32, for the record
+                fp32.append(reference(ws, "raw_loop.py", params.train.epochs, tag, *flags[:2]))
+        emit({**tag, "summary": True, "reference": f"{script} {' '.join(flags)}",
+              "reference_dtype": precision, "train_dtype": ours[0]["model_pt"]["precision"],
+              **({"raw_loop_fp32_contiguous_img_s": median(fp32, "img_s")} if fp32 else {}),
+              "raw_loop_img_s": median(refs, "img_s"), "train_img_s": median(ours, "img_s"),
+              "ratio": round(median(ours, "img_s") / median(refs, "img_s"), 3),
+              "pair_ratios": [round(o["img_s"] / r["img_s"], 3)
+                              for r, o in zip(refs, ours, strict=True)],
               "target": 0.97})
 
 
@@ -379,11 +435,11 @@ def resnet_cifar(ws: Workspace, args) -> None:
           "images_per_s_last_epoch": figures})
 
 
-CASES = {"overhead": overhead, "tutorial": tutorial, "target": target, "accuracy": accuracy,
-         "resnet_cifar": resnet_cifar}
+CASES = {"overhead": overhead, "shipped": shipped, "tutorial": tutorial, "target": target,
+         "accuracy": accuracy, "resnet_cifar": resnet_cifar}
 # Run when --only names none: resnet_cifar's 50,000 images at 32×32×3 take long on a CPU.
-DEFAULT_CASES = {"cpu": ["overhead", "tutorial", "target", "accuracy"],
-                 "cuda": ["overhead", "tutorial", "target", "accuracy", "resnet_cifar"]}
+DEFAULT_CASES = {"cpu": ["overhead", "shipped", "tutorial", "target", "accuracy"],
+                 "cuda": ["overhead", "shipped", "tutorial", "target", "accuracy", "resnet_cifar"]}
 
 
 def main() -> None:
