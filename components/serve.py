@@ -19,22 +19,32 @@ Input, in any of MLflow's JSON forms (dataframe_split, dataframe_records, inputs
 In Python: `mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [png_bytes]}))`, and
 `.unwrap_python_model().classify(uint8_images)` for arrays.
 
+Cost is bounded before anything is decoded: the number of images (predict.max_batch), the body's
+size (predict.max_request_mb), and the pixels each image and all of a request's images decode to
+(predict.max_image_mp, predict.max_request_mp), read from each file's header (Pillow opens
+lazily), whatever the format compresses them to. bench/bench_serve.py measures the largest
+request these allow. Concurrent requests each cost that much: bound them in front of the server
+where clients are not trusted.
+
 Output, one row per image: `class` (its name), `confidence` (its probability), `top_k` (the k most
 likely, [{"class", "probability"}], k = predict.top_k when registered) and `probabilities` (every
 class's, in the order of the model's metadata `classes`).
 
 Served by `mlflow models serve -m models:/<name>@champion --env-manager local`. MLflow's scoring
-server answers an exception with its stack trace, and a schema error with the request itself.
-When the server loads this model, `guard` puts `handle` in front of its request handler (the
-function its /invocations route calls): the body's size (predict.max_request_mb), its content
-type, the JSON, the number of images (predict.max_batch), each image's bytes or the arrays' shape
-and type are checked, then the images are scored. A bad request gets a 4xx whose body is
-{"error_code", "message"}: our message, naming the problem, without a traceback or anything of
-the request; an unexpected failure gets a 500 saying only that (the server's log has the
-traceback). The limits are the model's model_config, fixed at registration from the `predict`
-settings under their params.yaml names (MLflow also logs a model_config as the run's params, so
-they are the run's own `predict.*` params, not a second spelling of them);
-`MLFLOW_PYFUNC_INFERENCE_CONFIG='{"predict.max_batch": 64}'` overrides them for one server.
+server answers an exception with its stack trace, a schema error and JSON it cannot parse with
+the request itself, and a RecursionError (deeply nested JSON) with a 500; it has no 413. So the
+model keeps its own handler: when the server loads this model, `guard` puts `handle` in front of
+the server's (the function its /invocations route calls): the body's size
+(predict.max_request_mb), its content type, the JSON, the number of images (predict.max_batch),
+each image's base64 or the arrays' shape and type are checked, then the images go through
+MLflow's pyfunc predict (its schema check, then `ImageClassifier.predict`). A bad
+request gets a 4xx whose body is {"error_code", "message"}: our message, naming the problem,
+without a traceback, anything of the request or any setting; an unexpected failure gets a 500
+saying only that (the server's log has the traceback). The limits are the model's model_config,
+fixed at registration from the `predict` settings under their params.yaml names (MLflow also
+logs a model_config as the run's params, so they are the run's own `predict.*` params, not a
+second spelling of them); `MLFLOW_PYFUNC_INFERENCE_CONFIG='{"predict.max_batch": 64}'`
+overrides them for one server, `mlflow.pyfunc.load_model(uri, model_config={...})` in Python.
 The body is refused by size after the server has read it: cap it upstream too (a proxy's
 client_max_body_size) where clients are not trusted.
 """
@@ -46,6 +56,8 @@ import binascii
 import io
 import json
 import logging
+import math
+import struct
 import sys
 from importlib.metadata import version as installed
 from pathlib import Path
@@ -54,6 +66,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
+from PIL import Image
 
 from components.checkpoint import Classifier, load_model
 from components.images import BadImage, decode
@@ -65,10 +78,11 @@ COLUMN = "image"
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # Pillow's names; nothing else is opened from a request
 ARTIFACT, ARTIFACT_HASH = "model", "model_sha256"  # model.pt and its sha256 among the artifacts
 # A model_config's keys: the predict settings it may hold, by their dotted names.
-CONFIG_KEYS = ("predict.top_k", "predict.max_batch", "predict.max_request_mb")
+CONFIG_KEYS = ("predict.top_k", "predict.max_batch", "predict.max_request_mb",
+               "predict.max_image_mp", "predict.max_request_mp")
 JSON_FORMATS = ("dataframe_split", "dataframe_records", "inputs", "instances")
 BATCH = 64  # images per forward pass: memory stays flat for a max_batch request
-MB = 1_000_000
+MB = MP = 1_000_000  # a megabyte, a megapixel
 REQUIREMENTS = ("mlflow", "torch", "timm", "numpy", "pandas", "pillow", "pydantic", "pyyaml")
 ERROR_CODES = {400: "BAD_REQUEST", 413: "REQUEST_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE",
                500: "INTERNAL_ERROR"}
@@ -109,14 +123,18 @@ class ImageClassifier(PythonModel):
         return self.classify(self.decode(list(model_input[COLUMN])))
 
     def decode(self, blobs: list[bytes]) -> np.ndarray:
-        """Image files' bytes as uint8 N×H×W×C, decoded as prepare decodes files."""
-        h, _, c = self.shape
-        images = []
+        """Image files' bytes as uint8 N×H×W×C, decoded as prepare decodes files, once their
+        headers are within the pixel limits."""
         for i, blob in enumerate(blobs):
             if not isinstance(blob, bytes | bytearray):
                 raise BadRequest(f"image {i}: expected file bytes, got {type(blob).__name__}")
+        blobs = [bytes(blob) for blob in blobs]
+        check_pixels(blobs, self.limits)
+        h, _, c = self.shape
+        images = []
+        for i, blob in enumerate(blobs):
             try:
-                images.append(decode(bytes(blob), h, c, self.resize, self.min_side, FORMATS))
+                images.append(decode(blob, h, c, self.resize, self.min_side, FORMATS))
             except BadImage as bad:
                 raise BadRequest(f"image {i}: {bad.reason}: {bad.detail}") from None
         return np.stack(images) if images else np.zeros((0, *self.shape), np.uint8)
@@ -138,13 +156,44 @@ def limits(config: dict[str, Any] | None) -> Predict:
     return validate({"predict": given}, source="the served model's model_config").predict
 
 
+def check_pixels(blobs: list[bytes], cfg: Predict) -> None:
+    """413 when an image, or a request's images together, would decode to more pixels than the
+    limits allow; from the headers alone."""
+    total = 0.0
+    for i, blob in enumerate(blobs):
+        mp, said = _megapixels(blob)
+        if mp > cfg.max_image_mp:
+            raise BadRequest(f"image {i} is {said}, over the served model's limit of "
+                             f"{cfg.max_image_mp:g} per image (predict.max_image_mp); send "
+                             "smaller images", 413)
+        total += mp
+    if total > cfg.max_request_mp:
+        raise BadRequest(f"the request's images total {total:.1f} megapixels, over the served "
+                         f"model's limit of {cfg.max_request_mp:g} per request "
+                         "(predict.max_request_mp); send fewer images per request", 413)
+
+
+def _megapixels(blob: bytes) -> tuple[float, str]:
+    """The megapixels a file's header says it decodes to, and that said for a person; (0, "")
+    where Pillow opens no image (decoding it then names what is wrong)."""
+    try:
+        with Image.open(io.BytesIO(blob), formats=FORMATS) as img:
+            w, h = img.size
+    except Image.DecompressionBombError:  # Pillow opens nothing over twice its limit
+        return math.inf, (f"over {2 * Image.MAX_IMAGE_PIXELS / MP:.0f} megapixels (Pillow's "
+                          "decompression-bomb limit)")
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error):
+        return 0.0, ""
+    return w * h / MP, f"{w}×{h} = {w * h / MP:.1f} megapixels"
+
+
 def pixels(images: Any, shape: tuple[int, int, int]) -> np.ndarray:
     """`images` as uint8 N×H×W×C of the model's size, or BadRequest saying what is wrong."""
     try:
         array = np.asarray(images)
     except ValueError:
-        raise BadRequest("the arrays are ragged: every image must be H×W×C lists of the same "
-                         "size") from None
+        raise BadRequest("the arrays are ragged or nested too deeply: every image must be H×W×C "
+                         "lists of the same size") from None
     h, w, c = shape
     want = f"this model takes uint8 images N×{h}×{w}×{c} (integers 0..255)"
     if array.dtype.kind not in "iu":
@@ -287,6 +336,11 @@ def request_items(data: bytes, content_type: str | None, cfg: Predict) -> tuple[
                          f"{err.colno}); {EXAMPLE}") from None
     except UnicodeDecodeError:
         raise BadRequest("the request is not UTF-8 text; send JSON") from None
+    except RecursionError:
+        raise BadRequest(f"the request's JSON is nested too deeply; {EXAMPLE}") from None
+    except ValueError:  # Python's bound on the digits of an integer literal
+        raise BadRequest(f"the request holds an integer of more than "
+                         f"{sys.get_int_max_str_digits()} digits; {EXAMPLE}") from None
     kind, items = _items(body)
     if not items:
         raise BadRequest(f"the request holds no images; {EXAMPLE}")
