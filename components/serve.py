@@ -19,6 +19,12 @@ Input, in any of MLflow's JSON forms (dataframe_split, dataframe_records, inputs
 In Python: `mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [png_bytes]}))`, and
 `.unwrap_python_model().classify(uint8_images)` for arrays.
 
+`mlflow models predict -m models:/<name>@champion -i input.json -t json --env-manager local`
+takes the same JSON: MLflow's CLI parses it its own way (by the signature's binary column) and
+hands `predict` a DataFrame whose `image` cells are the files' bytes (the dataframe forms: MLflow
+decodes their base64), the base64 text itself (inputs, instances) or, for arrays, nested lists of
+the numbers' text; `predict` takes each (`file_bytes`, `pixels`).
+
 Cost is bounded before anything is decoded: the number of images (predict.max_batch), the body's
 size (predict.max_request_mb), and the pixels each image and all of a request's images decode to
 (predict.max_image_mp, predict.max_request_mp), read from each file's header (Pillow opens
@@ -37,7 +43,7 @@ model keeps its own handler: when the server loads this model, `guard` puts `han
 the server's (the function its /invocations route calls): the body's size
 (predict.max_request_mb), its content type, the JSON, the number of images (predict.max_batch),
 each image's base64 or the arrays' shape and type are checked, then the images go through
-MLflow's pyfunc predict (its schema check, then `ImageClassifier.predict`). A bad
+MLflow's pyfunc predict (its schema check, then `ImageClassifier.predict`, as for the CLI). A bad
 request gets a 4xx whose body is {"error_code", "message"}: our message, naming the problem,
 without a traceback, anything of the request or any setting; an unexpected failure gets a 500
 saying only that (the server's log has the traceback). The limits are the model's model_config,
@@ -57,6 +63,7 @@ import io
 import json
 import logging
 import math
+import re
 import struct
 import sys
 from importlib.metadata import version as installed
@@ -83,6 +90,9 @@ CONFIG_KEYS = ("predict.top_k", "predict.max_batch", "predict.max_request_mb",
 JSON_FORMATS = ("dataframe_split", "dataframe_records", "inputs", "instances")
 BATCH = 64  # images per forward pass: memory stays flat for a max_batch request
 MB = MP = 1_000_000  # a megabyte, a megapixel
+# Base64 text, wrapped or not. A PNG, JPEG, WebP or BMP file always holds bytes outside this
+# alphabet (a PNG or JPEG its first, a BMP or WebP the zeros of its header), so the two never mix.
+BASE64 = re.compile(rb"[A-Za-z0-9+/\s]*={0,2}\s*")
 REQUIREMENTS = ("mlflow", "torch", "timm", "numpy", "pandas", "pillow", "pydantic", "pyyaml")
 ERROR_CODES = {400: "BAD_REQUEST", 413: "REQUEST_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE",
                500: "INTERNAL_ERROR"}
@@ -116,19 +126,20 @@ class ImageClassifier(PythonModel):
     # The hint names what MLflow hands over (a DataFrame: MLflow infers no schema from it and
     # keeps the signature register gives); a uint8 N×H×W×C array is taken too.
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        """One row per image of `model_input`: a DataFrame with an `image` column of file bytes,
-        or a uint8 N×H×W×C array."""
+        """One row per image of `model_input`: a DataFrame whose `image` column holds image files
+        (their bytes or base64) or H×W×C arrays (as MLflow's CLI hands `{"inputs": [...]}`), or
+        a uint8 N×H×W×C array."""
         if isinstance(model_input, np.ndarray):
             return self.classify(model_input)
-        return self.classify(self.decode(list(model_input[COLUMN])))
+        cells = list(model_input[COLUMN])
+        if cells and all(isinstance(cell, list | np.ndarray) for cell in cells):
+            return self.classify(cells)
+        return self.classify(self.decode(cells))
 
-    def decode(self, blobs: list[bytes]) -> np.ndarray:
-        """Image files' bytes as uint8 N×H×W×C, decoded as prepare decodes files, once their
-        headers are within the pixel limits."""
-        for i, blob in enumerate(blobs):
-            if not isinstance(blob, bytes | bytearray):
-                raise BadRequest(f"image {i}: expected file bytes, got {type(blob).__name__}")
-        blobs = [bytes(blob) for blob in blobs]
+    def decode(self, cells: list) -> np.ndarray:
+        """Image files (bytes or base64) as uint8 N×H×W×C, decoded as prepare decodes files,
+        once their headers are within the pixel limits."""
+        blobs = [file_bytes(i, cell) for i, cell in enumerate(cells)]
         check_pixels(blobs, self.limits)
         h, _, c = self.shape
         images = []
@@ -154,6 +165,16 @@ def limits(config: dict[str, Any] | None) -> Predict:
                           f"use {list(CONFIG_KEYS)}")
     given = {k.removeprefix("predict."): v for k, v in config.items()}
     return validate({"predict": given}, source="the served model's model_config").predict
+
+
+def file_bytes(i: int, cell: Any) -> bytes:
+    """Image `i`'s file bytes from a cell holding them or their base64 (see the module doc)."""
+    if isinstance(cell, str) or (isinstance(cell, bytes) and BASE64.fullmatch(cell)):
+        return _unbase64(i, cell)
+    if isinstance(cell, bytes | bytearray):
+        return bytes(cell)
+    raise BadRequest(f"image {i}: expected image file bytes or their base64, got "
+                     f"{type(cell).__name__}")
 
 
 def check_pixels(blobs: list[bytes], cfg: Predict) -> None:
@@ -194,6 +215,8 @@ def pixels(images: Any, shape: tuple[int, int, int]) -> np.ndarray:
     except ValueError:
         raise BadRequest("the arrays are ragged or nested too deeply: every image must be H×W×C "
                          "lists of the same size") from None
+    if array.dtype.kind == "S":  # MLflow's CLI hands a binary column's numbers as their text
+        array = _numbers(array)
     h, w, c = shape
     want = f"this model takes uint8 images N×{h}×{w}×{c} (integers 0..255)"
     if array.dtype.kind not in "iu":
@@ -205,6 +228,16 @@ def pixels(images: Any, shape: tuple[int, int, int]) -> np.ndarray:
     if array.size and (array.min() < 0 or array.max() > 255):
         raise BadRequest(f"pixel values outside 0..255; {want}")
     return array.astype(np.uint8, copy=False)
+
+
+def _numbers(text: np.ndarray) -> np.ndarray:
+    """Numbers' text as integers where each is one, else as floats, else the text as it was."""
+    for kind in (np.int64, np.float64):
+        try:
+            return text.astype(kind)
+        except (ValueError, OverflowError):
+            pass
+    return text
 
 
 def table(probs: np.ndarray, classes: list[str], top_k: int) -> pd.DataFrame:
@@ -383,11 +416,11 @@ def _items(body: Any) -> tuple[str, list]:
 
 
 def _unbase64(i: int, item: Any) -> bytes:
-    if not isinstance(item, str):
+    if not isinstance(item, str | bytes):
         raise BadRequest(f"image {i}: expected a base64 string of {', '.join(FORMATS)} file bytes "
                          f"in column {COLUMN!r}, got {_json_type(item)}")
     try:  # MLflow's own examples wrap base64 at 76 characters: line breaks are fine
-        return base64.b64decode("".join(item.split()), validate=True)
+        return base64.b64decode(item[:0].join(item.split()), validate=True)  # "" or b""
     except (binascii.Error, ValueError) as err:
         raise BadRequest(f"image {i}: not valid base64 ({err})") from None
 

@@ -1,8 +1,9 @@
 """The served model: the registered champion served by `mlflow models serve` (a real process on a
 free loopback port) answers image files and arrays with the class names components.predict gives
 the same images, and every bad request with a 4xx that holds our message, no traceback, none of
-the request and no secret, and goes on answering. The request checks alone, without a server,
-first."""
+the request and no secret, and goes on answering; `mlflow models predict` (MLflow's CLI, which
+parses JSON its own way) answers every JSON form the README shows with the same classes. The
+request checks alone, without a server, first."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import csv
 import io
 import json
 import os
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,13 +27,14 @@ from components.prepared import load_split
 from components.serve import (
     BadRequest,
     check_pixels,
+    file_bytes,
     limits,
     pixels,
     request_items,
     table,
 )
 from tests.formats import png_bilevel, png_blank
-from tests.projects import tracking_into
+from tests.projects import BIN, tracking_into
 from tests.servers import model_server
 
 LIMITS = Predict(max_batch=4, max_request_mb=0.01, max_image_mp=1.0, max_request_mp=1.5)
@@ -89,6 +92,8 @@ def test_every_mlflow_json_form_is_read(body, kind, n):
     (np.zeros((2, 8, 8)).astype(int).tolist(), "shape 2×8×8;"),
     (np.zeros((1, 7, 8, 1), int).tolist(), "shape 1×7×8×1"),
     (np.full((1, 8, 8, 1), 256).tolist(), "outside 0..255"),
+    (np.full((1, 8, 8, 1), b"0.5"), "floating-point"),  # as MLflow's CLI hands numbers
+    (np.full((1, 8, 8, 1), b"dog"), "text"),
 ])
 def test_bad_arrays_are_named(images, message):
     with pytest.raises(BadRequest, match=message):
@@ -97,11 +102,39 @@ def test_bad_arrays_are_named(images, message):
 
 def test_arrays_become_uint8_and_rows_rank_the_classes():
     assert pixels(np.full((2, 8, 8, 1), 255).tolist(), (8, 8, 1)).dtype == np.uint8
+    # MLflow's CLI hands the arrays of {"inputs": [...]} as the numbers' text (a binary column)
+    text = pixels(np.full((2, 8, 8, 1), b"255"), (8, 8, 1))
+    assert text.dtype == np.uint8 and (text == 255).all()
     rows = table(np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]], np.float32), ["a", "b", "c"], 2)
     assert list(rows["class"]) == ["b", "a"]
     assert rows["top_k"][0] == [{"class": "b", "probability": pytest.approx(0.7)},
                                 {"class": "c", "probability": pytest.approx(0.2)}]
     assert rows["probabilities"][1] == pytest.approx([0.5, 0.2, 0.3])
+
+
+PNG = png_blank(3, 2)
+
+
+@pytest.mark.parametrize("cell, expected", [
+    (PNG, PNG),  # file bytes: the dataframe forms (MLflow decodes their base64), Python
+    (base64.b64encode(PNG), PNG),  # MLflow's CLI hands inputs/instances undecoded
+    (np.bytes_(base64.b64encode(PNG)), PNG),  # ... as numpy's bytes when there is one image
+    (base64.encodebytes(PNG), PNG),  # wrapped at 76 characters, as MLflow's examples are
+    (base64.b64encode(PNG).decode(), PNG),  # text in Python
+    (b"", b""),  # decode names it: empty
+])
+def test_a_cell_is_file_bytes_or_their_base64(cell, expected):
+    assert file_bytes(0, cell) == expected
+
+
+@pytest.mark.parametrize("cell, message", [
+    (b"QUJ", "image 0: not valid base64"),  # base64's alphabet, without its padding
+    ("not base64!", "image 0: not valid base64"),
+    (7, "image 0: expected image file bytes or their base64, got int"),
+])
+def test_a_cell_that_is_neither_is_named(cell, message):
+    with pytest.raises(BadRequest, match=message):
+        file_bytes(0, cell)
 
 
 def truncated_png(width: int, height: int) -> bytes:
@@ -280,6 +313,49 @@ def test_bad_requests_get_a_4xx_naming_the_problem_without_traceback_payload_or_
             assert ping.status == 200, name
     status, reply = post(served, {"inputs": {"image": [b64(good)]}})
     assert status == 200 and SECRET not in reply  # still answering images after all that
+
+
+# Every JSON form the README shows (its "Serving the champion" section), for two test images.
+def readme_forms(images: np.ndarray) -> dict[str, dict]:
+    files = [b64(png(x)) for x in images]
+    return {
+        "inputs": {"inputs": {"image": files}},
+        "dataframe_records": {"dataframe_records": [{"image": f} for f in files]},
+        "dataframe_split": {"dataframe_split": {"columns": ["image"],
+                                                "data": [[f] for f in files]}},
+        "instances": {"instances": [{"image": f} for f in files]},
+        "arrays": {"inputs": np.asarray(images).tolist()},
+    }
+
+
+@pytest.mark.slow  # a model server, a tracking server, a trained model, five CLI processes
+def test_mlflow_models_predict_answers_every_readme_form_as_the_server_does(
+        served, registered, tmp_path):
+    """`mlflow models predict -m models:/<name>@champion -t json --env-manager local`, from a
+    folder outside the project without it on PYTHONPATH: the model's own code parses nothing;
+    MLflow's CLI parses the JSON its own way and hands the pyfunc what it made of it."""
+    test = load_split(registered.params.paths.prepared, "test")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env |= {"MLFLOW_TRACKING_URI": registered.mlflow, "PATH": f"{BIN}:{env['PATH']}"}
+    runs = {}
+    for name, form in readme_forms(test.x[:2]).items():  # at once: each loads torch and the model
+        (tmp_path / f"{name}.json").write_text(json.dumps(form))
+        runs[name] = subprocess.Popen(
+            [str(BIN / "mlflow"), "models", "predict", "-m", f"models:/{registered.name}@champion",
+             "-i", f"{name}.json", "-o", f"{name}.out.json", "-t", "json",
+             "--env-manager", "local"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for name, run in runs.items():
+        output = run.communicate(timeout=600)[0]
+        assert run.returncode == 0, f"{name}:\n{output[-3000:]}"
+        status, body = post(served, json.loads((tmp_path / f"{name}.json").read_text()))
+        assert status == 200, f"{name}: {body[:500]}"
+        served_rows = json.loads(body)["predictions"]
+        cli_rows = json.loads((tmp_path / f"{name}.out.json").read_text())["predictions"]
+        assert [r["class"] for r in cli_rows] == [r["class"] for r in served_rows], name
+        assert all(r["class"] in [str(d) for d in range(10)] for r in cli_rows), name
+        assert np.allclose([r["probabilities"] for r in cli_rows],
+                           [r["probabilities"] for r in served_rows], atol=1e-6), name
 
 
 @pytest.mark.slow  # a tracking server and a trained model
