@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from components import files
+from components.images import BadImage, decode
 from components.params import ParamsError, Predict
 from components.prepared import load_split
 from components.serve import (
@@ -61,12 +62,17 @@ SECRET = "PLANTED-SECRET-hunter2"  # in requests, headers and the server's envir
      "every record"),
     (json.dumps({"inputs": {"image": [IMAGE] * 5}}).encode(), "application/json", 413,
      "5 images, more than the served model's max_batch of 4"),
-    (b"[" * 4_000 + b"]" * 4_000, "application/json", 400, "nested too deeply"),
+    (b"[" * 4_000 + b"]" * 4_000, "application/json", 400,
+     "holds 4,000 arrays and objects, more than the 356 that 4 images"),  # 4 × (1 + 8 + 64) + 64
+    (b'{"inputs": {"image": [' + b'"a",' * 80 + b'"a"]}}', "application/json", 400,
+     "holds 83 strings, more than the 72"),
+    (b'{"inputs": [' + b"0," * 700 + b"0]}", "application/json", 400,
+     "holds 700 values, more than the 612"),  # 4 × (64 + 64 + 8 + 1) + 64
     (b'{"inputs": [' + b"7" * 5_000 + b"]}", "application/json", 400, "more than 4300 digits"),
 ])
 def test_a_bad_request_is_named(body, content_type, status, message):
     with pytest.raises(BadRequest, match=message) as err:
-        request_items(body, content_type, LIMITS)
+        request_items(body, content_type, LIMITS, (8, 8, 1))
     assert err.value.status == status
     assert IMAGE not in err.value.message and "x" * 20 not in err.value.message
 
@@ -81,8 +87,15 @@ def test_a_bad_request_is_named(body, content_type, status, message):
 ])
 def test_every_mlflow_json_form_is_read(body, kind, n):
     found, items = request_items(json.dumps(body).encode(), "application/json; charset=utf-8",
-                                 LIMITS)
+                                 LIMITS, (8, 8, 1))
     assert found == kind and len(items) == n
+
+
+def test_json_nested_deeper_than_python_parses_is_named():
+    # within what 4 images of 224×224×3 may hold, deeper than json's recursion limit
+    with pytest.raises(BadRequest, match="nested too deeply") as err:
+        request_items(b"[" * 3_000 + b"]" * 3_000, "application/json", LIMITS, (224, 224, 3))
+    assert err.value.status == 400
 
 
 @pytest.mark.parametrize("images, message", [
@@ -138,9 +151,8 @@ def test_a_cell_that_is_neither_is_named(cell, message):
 
 
 def truncated_png(width: int, height: int) -> bytes:
-    """A PNG cut inside its pixel data: Pillow reads its size from the header, decoding fails."""
-    blob = png_blank(width, height)
-    return blob[:blob.index(b"IDAT") + 14]
+    """A PNG with one row of pixel data: Pillow reads its size from the header, decoding fails."""
+    return png_blank(width, height, rows=1)
 
 
 @pytest.mark.parametrize("sizes, status, message", [
@@ -160,6 +172,8 @@ def test_pixel_limits_are_read_from_the_headers_before_decoding(sizes, status, m
     with pytest.raises(BadRequest, match=message) as err:
         check_pixels(blobs, LIMITS)
     assert err.value.status == status
+    with pytest.raises(BadImage):  # so the 413 came from the header: the file does not decode
+        decode(blobs[0], 8, 1, "crop", 8)
 
 
 def test_limits_are_validated_like_the_settings():
