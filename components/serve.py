@@ -90,8 +90,9 @@ CONFIG_KEYS = ("predict.top_k", "predict.max_batch", "predict.max_request_mb",
 JSON_FORMATS = ("dataframe_split", "dataframe_records", "inputs", "instances")
 BATCH = 64  # images per forward pass: memory stays flat for a max_batch request
 MB = MP = 1_000_000  # a megabyte, a megapixel
-# Base64 text, wrapped or not. A PNG, JPEG, WebP or BMP file always holds bytes outside this
-# alphabet (a PNG or JPEG its first, a BMP or WebP the zeros of its header), so the two never mix.
+# Base64 text, wrapped or not. A PNG, JPEG, WebP or BMP file holds bytes outside this alphabet
+# within its first few (a PNG's or JPEG's first, a BMP's or WebP's binary header fields, their
+# compressed data), so a file is not taken for base64.
 BASE64 = re.compile(rb"[A-Za-z0-9+/\s]*={0,2}\s*")
 REQUIREMENTS = ("mlflow", "torch", "timm", "numpy", "pandas", "pillow", "pydantic", "pyyaml")
 ERROR_CODES = {400: "BAD_REQUEST", 413: "REQUEST_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE",
