@@ -219,7 +219,7 @@ def decode_seen(source: str | Path | bytes, size: int, channels: int, resize: st
             mode = img.mode
             if resize != "stretch":
                 img.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode smaller
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # loads; without in_place it copies
             img.load()
             # A colour JPEG drafted straight to grey no longer shows its colours: look again.
             seen = None if not look else Seen(
@@ -275,13 +275,21 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     if img.mode.startswith("I") or img.mode == "F":
         img = _scale_to_8bit(img)
     if "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info:
-        rgba = img.convert("RGBA")  # palette and grey transparency too
+        # palette and grey transparency too; an RGBA image as it is (convert would copy it)
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba)
     return img.convert("L" if channels == 1 else "RGB")  # CMYK, YCbCr, P, 1: Pillow's conversions
 
 
 def _scale_to_8bit(img: Image.Image) -> Image.Image:
     """16-bit and float images scaled into 0..255; converting them directly would clip."""
+    if img.mode.startswith("I;16"):  # the float path's rint(v * 255 / 65535), in integers (it
+        # has no ties to round), at 7 bytes a pixel rather than 26: a served request's bound
+        a = np.asarray(img).astype(np.uint32)
+        a *= 255
+        a += 32767
+        a //= 65535
+        return Image.fromarray(a.astype(np.uint8), "L")
     a = np.asarray(img, dtype=np.float64)
     if img.mode == "F":
         top = 1.0 if a.max(initial=0) <= 1.0 else 255.0

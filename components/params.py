@@ -218,6 +218,12 @@ class Predict(Section):
     top_k: int = Field(5, ge=1, le=1000)
     max_batch: int = Field(256, ge=1, le=100_000)  # served model: images per request
     max_request_mb: float = Field(32.0, gt=0.0, le=4096.0)  # served model: request body size
+    # Served model: decoded megapixels of one image and of a request's images together, read from
+    # the files' headers before anything is decoded. Decoding costs up to ~24 bytes a pixel and
+    # ~20 MP/s here (lossless RGBA WebP): 24 takes a 6000×4000 photo and bounds a request to
+    # ~0.8 GiB and ~1.5 s (bench/RESULTS.md). Above 89 MP, decode refuses an image as a bomb.
+    max_image_mp: float = Field(24.0, gt=0.0, le=89.0)
+    max_request_mp: float = Field(24.0, gt=0.0, le=100_000.0)
     # Drift: what batch prediction compares with the model's training and test data
     # (components/drift.py defines each figure; drift.json holds them with these thresholds).
     drift_channel_mean: Threshold = 0.25

@@ -13,7 +13,7 @@ card's summary (components/model_card.py; the card is logged with it), and the a
 The model is logged as the served pyfunc of components/serve.py (signature and input example
 included): image files in (a column `image` of PNG/JPEG/WebP/BMP bytes) or uint8 N×H×W×C arrays,
 and per image its class name, confidence, top-k classes (k = predict.top_k, fixed here with the
-served model's limits predict.max_batch and predict.max_request_mb) and every class's probability:
+served model's limits, predict.max_*) and every class's probability:
 
     mlflow.pyfunc.load_model("models:/<name>@champion").predict(pd.DataFrame({"image": [png]}))
     mlflow models serve -m "models:/<name>@champion" --env-manager local

@@ -19,22 +19,38 @@ Input, in any of MLflow's JSON forms (dataframe_split, dataframe_records, inputs
 In Python: `mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [png_bytes]}))`, and
 `.unwrap_python_model().classify(uint8_images)` for arrays.
 
+`mlflow models predict -m models:/<name>@champion -i input.json -t json --env-manager local`
+takes the same JSON: MLflow's CLI parses it its own way (by the signature's binary column) and
+hands `predict` a DataFrame whose `image` cells are the files' bytes (the dataframe forms: MLflow
+decodes their base64), the base64 text itself (inputs, instances) or, for arrays, nested lists of
+the numbers' text; `predict` takes each (`file_bytes`, `pixels`).
+
+Cost is bounded before anything is decoded: the number of images (predict.max_batch), the body's
+size (predict.max_request_mb), and the pixels each image and all of a request's images decode to
+(predict.max_image_mp, predict.max_request_mp), read from each file's header (Pillow opens
+lazily), whatever the format compresses them to. bench/bench_serve.py measures the largest
+request these allow. Concurrent requests each cost that much: bound them in front of the server
+where clients are not trusted.
+
 Output, one row per image: `class` (its name), `confidence` (its probability), `top_k` (the k most
 likely, [{"class", "probability"}], k = predict.top_k when registered) and `probabilities` (every
 class's, in the order of the model's metadata `classes`).
 
 Served by `mlflow models serve -m models:/<name>@champion --env-manager local`. MLflow's scoring
-server answers an exception with its stack trace, and a schema error with the request itself.
-When the server loads this model, `guard` puts `handle` in front of its request handler (the
-function its /invocations route calls): the body's size (predict.max_request_mb), its content
-type, the JSON, the number of images (predict.max_batch), each image's bytes or the arrays' shape
-and type are checked, then the images are scored. A bad request gets a 4xx whose body is
-{"error_code", "message"}: our message, naming the problem, without a traceback or anything of
-the request; an unexpected failure gets a 500 saying only that (the server's log has the
-traceback). The limits are the model's model_config, fixed at registration from the `predict`
-settings under their params.yaml names (MLflow also logs a model_config as the run's params, so
-they are the run's own `predict.*` params, not a second spelling of them);
-`MLFLOW_PYFUNC_INFERENCE_CONFIG='{"predict.max_batch": 64}'` overrides them for one server.
+server answers an exception with its stack trace, a schema error and JSON it cannot parse with
+the request itself, and a RecursionError (deeply nested JSON) with a 500; it has no 413. So the
+model keeps its own handler: when the server loads this model, `guard` puts `handle` in front of
+the server's (the function its /invocations route calls): the body's size
+(predict.max_request_mb), its content type, the JSON, the number of images (predict.max_batch),
+each image's base64 or the arrays' shape and type are checked, then the images go through
+MLflow's pyfunc predict (its schema check, then `ImageClassifier.predict`, as for the CLI). A bad
+request gets a 4xx whose body is {"error_code", "message"}: our message, naming the problem,
+without a traceback, anything of the request or any setting; an unexpected failure gets a 500
+saying only that (the server's log has the traceback). The limits are the model's model_config,
+fixed at registration from the `predict` settings under their params.yaml names (MLflow also
+logs a model_config as the run's params, so they are the run's own `predict.*` params, not a
+second spelling of them); `MLFLOW_PYFUNC_INFERENCE_CONFIG='{"predict.max_batch": 64}'`
+overrides them for one server, `mlflow.pyfunc.load_model(uri, model_config={...})` in Python.
 The body is refused by size after the server has read it: cap it upstream too (a proxy's
 client_max_body_size) where clients are not trusted.
 """
@@ -46,6 +62,9 @@ import binascii
 import io
 import json
 import logging
+import math
+import re
+import struct
 import sys
 from importlib.metadata import version as installed
 from pathlib import Path
@@ -54,6 +73,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
+from PIL import Image
 
 from components.checkpoint import Classifier, load_model
 from components.images import BadImage, decode
@@ -65,10 +85,15 @@ COLUMN = "image"
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # Pillow's names; nothing else is opened from a request
 ARTIFACT, ARTIFACT_HASH = "model", "model_sha256"  # model.pt and its sha256 among the artifacts
 # A model_config's keys: the predict settings it may hold, by their dotted names.
-CONFIG_KEYS = ("predict.top_k", "predict.max_batch", "predict.max_request_mb")
+CONFIG_KEYS = ("predict.top_k", "predict.max_batch", "predict.max_request_mb",
+               "predict.max_image_mp", "predict.max_request_mp")
 JSON_FORMATS = ("dataframe_split", "dataframe_records", "inputs", "instances")
 BATCH = 64  # images per forward pass: memory stays flat for a max_batch request
-MB = 1_000_000
+MB = MP = 1_000_000  # a megabyte, a megapixel
+# Base64 text, wrapped or not. A PNG, JPEG, WebP or BMP file holds bytes outside this alphabet
+# within its first few (a PNG's or JPEG's first, a BMP's or WebP's binary header fields, their
+# compressed data), so a file is not taken for base64.
+BASE64 = re.compile(rb"[A-Za-z0-9+/\s]*={0,2}\s*")
 REQUIREMENTS = ("mlflow", "torch", "timm", "numpy", "pandas", "pillow", "pydantic", "pyyaml")
 ERROR_CODES = {400: "BAD_REQUEST", 413: "REQUEST_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE",
                500: "INTERNAL_ERROR"}
@@ -102,21 +127,26 @@ class ImageClassifier(PythonModel):
     # The hint names what MLflow hands over (a DataFrame: MLflow infers no schema from it and
     # keeps the signature register gives); a uint8 N×H×W×C array is taken too.
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        """One row per image of `model_input`: a DataFrame with an `image` column of file bytes,
-        or a uint8 N×H×W×C array."""
+        """One row per image of `model_input`: a DataFrame whose `image` column holds image files
+        (their bytes or base64) or H×W×C arrays (as MLflow's CLI hands `{"inputs": [...]}`), or
+        a uint8 N×H×W×C array."""
         if isinstance(model_input, np.ndarray):
             return self.classify(model_input)
-        return self.classify(self.decode(list(model_input[COLUMN])))
+        cells = list(model_input[COLUMN])
+        if cells and all(isinstance(cell, list | np.ndarray) for cell in cells):
+            return self.classify(cells)
+        return self.classify(self.decode(cells))
 
-    def decode(self, blobs: list[bytes]) -> np.ndarray:
-        """Image files' bytes as uint8 N×H×W×C, decoded as prepare decodes files."""
+    def decode(self, cells: list) -> np.ndarray:
+        """Image files (bytes or base64) as uint8 N×H×W×C, decoded as prepare decodes files,
+        once their headers are within the pixel limits."""
+        blobs = [file_bytes(i, cell) for i, cell in enumerate(cells)]
+        check_pixels(blobs, self.limits)
         h, _, c = self.shape
         images = []
         for i, blob in enumerate(blobs):
-            if not isinstance(blob, bytes | bytearray):
-                raise BadRequest(f"image {i}: expected file bytes, got {type(blob).__name__}")
             try:
-                images.append(decode(bytes(blob), h, c, self.resize, self.min_side, FORMATS))
+                images.append(decode(blob, h, c, self.resize, self.min_side, FORMATS))
             except BadImage as bad:
                 raise BadRequest(f"image {i}: {bad.reason}: {bad.detail}") from None
         return np.stack(images) if images else np.zeros((0, *self.shape), np.uint8)
@@ -138,13 +168,56 @@ def limits(config: dict[str, Any] | None) -> Predict:
     return validate({"predict": given}, source="the served model's model_config").predict
 
 
+def file_bytes(i: int, cell: Any) -> bytes:
+    """Image `i`'s file bytes from a cell holding them or their base64 (see the module doc)."""
+    if isinstance(cell, str) or (isinstance(cell, bytes) and BASE64.fullmatch(cell)):
+        return _unbase64(i, cell)
+    if isinstance(cell, bytes | bytearray):
+        return bytes(cell)
+    raise BadRequest(f"image {i}: expected image file bytes or their base64, got "
+                     f"{type(cell).__name__}")
+
+
+def check_pixels(blobs: list[bytes], cfg: Predict) -> None:
+    """413 when an image, or a request's images together, would decode to more pixels than the
+    limits allow; from the headers alone."""
+    total = 0.0
+    for i, blob in enumerate(blobs):
+        mp, said = _megapixels(blob)
+        if mp > cfg.max_image_mp:
+            raise BadRequest(f"image {i} is {said}, over the served model's limit of "
+                             f"{cfg.max_image_mp:g} per image (predict.max_image_mp); send "
+                             "smaller images", 413)
+        total += mp
+    if total > cfg.max_request_mp:
+        raise BadRequest(f"the request's images total {total:.1f} megapixels, over the served "
+                         f"model's limit of {cfg.max_request_mp:g} per request "
+                         "(predict.max_request_mp); send fewer images per request", 413)
+
+
+def _megapixels(blob: bytes) -> tuple[float, str]:
+    """The megapixels a file's header says it decodes to, and that said for a person; (0, "")
+    where Pillow opens no image (decoding it then names what is wrong)."""
+    try:
+        with Image.open(io.BytesIO(blob), formats=FORMATS) as img:
+            w, h = img.size
+    except Image.DecompressionBombError:  # Pillow opens nothing over twice its limit
+        return math.inf, (f"over {2 * Image.MAX_IMAGE_PIXELS / MP:.0f} megapixels (Pillow's "
+                          "decompression-bomb limit)")
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error):
+        return 0.0, ""
+    return w * h / MP, f"{w}×{h} = {w * h / MP:.1f} megapixels"
+
+
 def pixels(images: Any, shape: tuple[int, int, int]) -> np.ndarray:
     """`images` as uint8 N×H×W×C of the model's size, or BadRequest saying what is wrong."""
     try:
         array = np.asarray(images)
     except ValueError:
-        raise BadRequest("the arrays are ragged: every image must be H×W×C lists of the same "
-                         "size") from None
+        raise BadRequest("the arrays are ragged or nested too deeply: every image must be H×W×C "
+                         "lists of the same size") from None
+    if array.dtype.kind == "S":  # MLflow's CLI hands a binary column's numbers as their text
+        array = _numbers(array)
     h, w, c = shape
     want = f"this model takes uint8 images N×{h}×{w}×{c} (integers 0..255)"
     if array.dtype.kind not in "iu":
@@ -156,6 +229,16 @@ def pixels(images: Any, shape: tuple[int, int, int]) -> np.ndarray:
     if array.size and (array.min() < 0 or array.max() > 255):
         raise BadRequest(f"pixel values outside 0..255; {want}")
     return array.astype(np.uint8, copy=False)
+
+
+def _numbers(text: np.ndarray) -> np.ndarray:
+    """Numbers' text as integers where each is one, else as floats, else the text as it was."""
+    for kind in (np.int64, np.float64):
+        try:
+            return text.astype(kind)
+        except (ValueError, OverflowError):
+            pass
+    return text
 
 
 def table(probs: np.ndarray, classes: list[str], top_k: int) -> pd.DataFrame:
@@ -248,7 +331,7 @@ def _python_model(model) -> ImageClassifier | None:
 def handle(server, clf: ImageClassifier, model, data: bytes, content_type: str | None):
     """The server's answer to one /invocations request (an InvocationsResponse)."""
     try:
-        kind, items = request_items(data, content_type, clf.limits)
+        kind, items = request_items(data, content_type, clf.limits, clf.shape)
         if kind == "arrays":
             rows = clf.classify(items)  # checked there (`pixels`)
         else:  # MLflow's pyfunc predict: its schema check, then ImageClassifier.predict
@@ -269,9 +352,10 @@ def _reply(server, status: int, message: str):
     return server.InvocationsResponse(body, status, "application/json")
 
 
-def request_items(data: bytes, content_type: str | None, cfg: Predict) -> tuple[str, list]:
+def request_items(data: bytes, content_type: str | None, cfg: Predict,
+                  shape: tuple[int, int, int]) -> tuple[str, list]:
     """("files", base64 strings) or ("arrays", nested lists) of a request, its size, type, JSON
-    and number of images checked."""
+    and number of images checked; `shape` is the model's H×W×C."""
     if len(data) > cfg.max_request_mb * MB:
         raise BadRequest(f"the request is {len(data) / MB:.1f} MB, over the served model's limit "
                          f"of {cfg.max_request_mb:g} MB (predict.max_request_mb); send fewer or "
@@ -280,6 +364,7 @@ def request_items(data: bytes, content_type: str | None, cfg: Predict) -> tuple[
         raise BadRequest(f"send the request as Content-Type: application/json, {EXAMPLE}", 415)
     if not data.strip():
         raise BadRequest(f"the request is empty; send images, {EXAMPLE}")
+    _check_json_size(data, cfg.max_batch, shape)
     try:
         body = json.loads(data)
     except json.JSONDecodeError as err:
@@ -287,6 +372,11 @@ def request_items(data: bytes, content_type: str | None, cfg: Predict) -> tuple[
                          f"{err.colno}); {EXAMPLE}") from None
     except UnicodeDecodeError:
         raise BadRequest("the request is not UTF-8 text; send JSON") from None
+    except RecursionError:
+        raise BadRequest(f"the request's JSON is nested too deeply; {EXAMPLE}") from None
+    except ValueError:  # Python's bound on the digits of an integer literal
+        raise BadRequest(f"the request holds an integer of more than "
+                         f"{sys.get_int_max_str_digits()} digits; {EXAMPLE}") from None
     kind, items = _items(body)
     if not items:
         raise BadRequest(f"the request holds no images; {EXAMPLE}")
@@ -295,6 +385,24 @@ def request_items(data: bytes, content_type: str | None, cfg: Predict) -> tuple[
                          f"max_batch of {cfg.max_batch} (predict.max_batch); send at most "
                          f"{cfg.max_batch} per request", 413)
     return kind, items
+
+
+def _check_json_size(data: bytes, max_batch: int, shape: tuple[int, int, int]) -> None:
+    """Refuse, before parsing, JSON with more values than max_batch images need: each becomes a
+    Python object (32 MB of `[]` measured 1.2 GB and 9 s to parse). An image takes at most
+    1 + H + H×W arrays and H×W×C numbers (as uint8 arrays), or an object and two strings (as a
+    file); a quote, bracket or comma inside a string counts too (base64 holds none)."""
+    h, w, c = shape
+    counts = {"arrays and objects": (data.count(b"[") + data.count(b"{"), 1 + h + h * w),
+              "strings": (data.count(b'"') // 2, 2),
+              "values": (data.count(b","), h * w * c + h * w + h + 1)}
+    for what, (found, per_image) in counts.items():
+        most = max_batch * per_image + 64
+        if found > most:
+            raise BadRequest(f"the request's JSON holds {found:,} {what}, more than the {most:,} "
+                             f"that {max_batch} images (predict.max_batch) of this model's "
+                             f"{h}×{w}×{c} need: it is nested too deeply or holds too many "
+                             f"images; {EXAMPLE}")
 
 
 def _items(body: Any) -> tuple[str, list]:
@@ -329,11 +437,11 @@ def _items(body: Any) -> tuple[str, list]:
 
 
 def _unbase64(i: int, item: Any) -> bytes:
-    if not isinstance(item, str):
+    if not isinstance(item, str | bytes):
         raise BadRequest(f"image {i}: expected a base64 string of {', '.join(FORMATS)} file bytes "
                          f"in column {COLUMN!r}, got {_json_type(item)}")
     try:  # MLflow's own examples wrap base64 at 76 characters: line breaks are fine
-        return base64.b64decode("".join(item.split()), validate=True)
+        return base64.b64decode(item[:0].join(item.split()), validate=True)  # "" or b""
     except (binascii.Error, ValueError) as err:
         raise BadRequest(f"image {i}: not valid base64 ({err})") from None
 

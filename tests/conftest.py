@@ -177,7 +177,8 @@ def stack(tmp_path_factory):
 
 
 # The served model's settings, fixed at registration: small, so the serving tests reach them.
-SERVED = {"top_k": 3, "max_batch": 32, "max_request_mb": 1.0}
+SERVED = {"top_k": 3, "max_batch": 32, "max_request_mb": 1.0, "max_image_mp": 1.0,
+          "max_request_mp": 1.5}
 
 
 @dataclass

@@ -7,7 +7,7 @@
   strings, so `encoding="latin1"` reads them as str and `encoding="bytes"` as b"data").
 - `make_messy_folder`: an image folder with every case a user's folder has, and what the prepare
   step must make of each file.
-- `write_image`, `noise`, `png_bilevel`: single files.
+- `write_image`, `noise`, `png_bilevel`, `png_blank`: single files.
 
 Import from a test as `from tests.formats import ...`.
 """
@@ -199,14 +199,27 @@ def write_image(path: str | Path, img: Image.Image, **save_args) -> Path:
 def png_bilevel(width: int, height: int) -> bytes:
     """A black 1-bit greyscale PNG of any size, built by hand: 9500×9500 is ~11 KB on disk but
     90 million pixels, above Pillow's decompression-bomb limit."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return png_blank(width, height, 1)
 
-    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte 0, then packed bits
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    idat = zlib.compress(row * height, 9)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+def png_blank(width: int, height: int, bits: int = 8, rows: int | None = None) -> bytes:
+    """A black greyscale PNG of any size and bit depth (1, 8 or 16), compressed row by row so
+    that no image is ever held: a 9400×9400 16-bit one is ~170 KB and 88 million pixels. With
+    `rows`, only that many rows of pixel data follow the header, and the stream does not end (a
+    truncated file: its size reads, it does not decode)."""
+    row = b"\x00" * (1 + (width * bits + 7) // 8)  # filter byte 0, then the packed samples
+    packer = zlib.compressobj(9)
+    n = height if rows is None else rows
+    idat = b"".join(packer.compress(row * min(256, n - y)) for y in range(0, n, 256))
+    idat += packer.flush(zlib.Z_FINISH if rows is None else zlib.Z_SYNC_FLUSH)
+    ihdr = struct.pack(">IIBBBBB", width, height, bits, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat)
+            + _chunk(b"IEND", b""))
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(
+        ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
 def png_broken_stream(img: Image.Image) -> bytes:
