@@ -29,13 +29,18 @@ from pydantic import (
     model_validator,
 )
 
-from components.credentials import SECRET_ADVICE, no_secrets, secrets_in
+from components.credentials import SECRET_ADVICE, no_secrets, redact, secrets_in
 
 DEFAULT_PARAMS = "params.yaml"
 
 
 class UserError(Exception):
-    """Something the user can fix; the message names the thing and what to do."""
+    """Something the user can fix; the message names the thing and what to do. Its message is
+    redacted (components/credentials.py): whatever address or setting it quotes, wherever it is
+    printed or logged (the command line, Prefect's logs), carries no password, token or key."""
+
+    def __init__(self, message: object = "", *args: object):
+        super().__init__(redact(str(message)), *args)
 
 
 class ParamsError(UserError):

@@ -73,6 +73,7 @@ from mlflow.exceptions import MlflowException
 
 from components import files
 from components.atomic import atomic_file, write_json
+from components.credentials import shown  # an address without its secrets, for tags and files
 from components.params import DEFAULT_PARAMS, Params, UserError, flatten
 from components.prepared import load_split, read_manifest
 
@@ -95,15 +96,6 @@ def tracking_uri() -> str:
 
 def embedded_uri() -> str:
     return f"sqlite:///{Path(EMBEDDED_DB).resolve()}"
-
-
-def shown(uri: str) -> str:
-    """`uri` without any user:password part, for messages and tags."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None and parts.username is None:
-        return uri
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (
-        f":{parts.port}" if parts.port else "")))
 
 
 def check_reachable(uri: str) -> None:
