@@ -71,9 +71,10 @@ def credential_name(name: str) -> bool:
         pair in SECRET_PAIRS for pair in zip(words, words[1:], strict=False))
 
 
-def _secret_param(name: str) -> bool:
+def _secret_param(name: str, in_query: bool) -> bool:
+    """Named like a credential anywhere; in a query string also `key`, `...-Signature`, ..."""
     words = _words(name)
-    return credential_name(name) or bool(words) and words[-1] in SECRET_PARAMS  # X-Amz-Signature
+    return credential_name(name) or in_query and bool(words) and words[-1] in SECRET_PARAMS
 
 
 def _userinfo_spans(text: str) -> list[tuple[int, int]]:
@@ -87,7 +88,8 @@ def _userinfo_spans(text: str) -> list[tuple[int, int]]:
 
 
 def _params(text: str) -> list[re.Match]:
-    return [m for m in PARAM.finditer(text) if _secret_param(m.group(1))]
+    return [m for m in PARAM.finditer(text)
+            if _secret_param(m.group(1), m.start() > 0 and text[m.start() - 1] in "?&;")]
 
 
 def kinds_of_secret(text: str) -> list[str]:
