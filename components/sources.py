@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from components import files
-from components.images import BadImage, decode, scan_folder
+from components.images import decode_file, scan_folder
 from components.params import Data, UserError
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
@@ -228,7 +228,7 @@ def _folder(cfg: Data, workdir: Path) -> Pool:
     x = np.lib.format.open_memmap(workdir / files.POOL, mode="w+", dtype=np.uint8, shape=shape)
     ok = np.zeros(n, bool)
     quarantine = list(scan.rejected)
-    job = partial(_decode_job, size=size, channels=channels, resize=cfg.resize,
+    job = partial(decode_file, size=size, channels=channels, resize=cfg.resize,
                   min_side=cfg.min_side)
     paths = [str(c.path) for c in scan.candidates]
     # Threads, not processes: Pillow decodes and resizes without holding the GIL, so two
@@ -238,7 +238,7 @@ def _folder(cfg: Data, workdir: Path) -> Pool:
         results = workers.imap(job, paths, chunksize=16)
         for i, (image, bad) in enumerate(tqdm(results, total=n, desc="prepare", unit="img")):
             if bad is None:
-                x[i], ok[i] = image, True
+                x[i], ok[i] = image[0], True
             else:
                 quarantine.append({"path": scan.rel(scan.candidates[i].path), **bad})
     _check_every_class_has_images(scan, ok)
@@ -257,13 +257,6 @@ def _folder(cfg: Data, workdir: Path) -> Pool:
         ignored=scan.ignored,
         quarantine=quarantine,
     )
-
-
-def _decode_job(path: str, **settings) -> tuple[np.ndarray | None, dict | None]:
-    try:
-        return decode(path, **settings), None
-    except BadImage as bad:
-        return None, {"reason": bad.reason, "detail": bad.detail}
 
 
 def _check_every_class_has_images(scan, ok: np.ndarray) -> None:

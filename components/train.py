@@ -69,7 +69,7 @@ from components.atomic import write_json
 from components.batches import Images, load_images
 from components.cli import run_step
 from components.params import Params, UserError
-from components.prepared import class_names, load_split, read_manifest
+from components.prepared import class_names, load_split, read_manifest, require_two_classes
 from components.step_code import code_hashes
 
 if TYPE_CHECKING:
@@ -175,7 +175,9 @@ def train(params: Params, tracker: Callback | None = None,
     `tracker` (components.tracking) is one more callback, heard first: its run is open before
     the others hear that training starts (a search's reporter reads run.json)."""
     callbacks = [*([tracker] if tracker is not None else []), *callbacks]
-    class_weights(params.train, read_manifest(params.paths.prepared))  # refused before any work
+    manifest = read_manifest(params.paths.prepared)
+    require_two_classes(manifest, params.paths.prepared)  # refused before any work
+    class_weights(params.train, manifest)
     device, precision = recipe.runtime(params.train)
     n = ddp.device_count(params.train, device)
     if n > 1 and not ddp.in_worker():

@@ -29,6 +29,9 @@ from tests.formats import (
     make_messy_folder,
     noise,
     patterned,
+    raw_name,
+    special_file,
+    unescape_name,
     write_cifar10,
     write_cifar100,
     write_fashion_mnist,
@@ -523,6 +526,48 @@ def test_a_class_with_no_usable_image_is_an_error(tmp_path, contents):
     with pytest.raises(UserError, match="hollow"):
         prepare(params_for(tmp_path / "out", source="imagefolder", root=root, image_size=16))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout", [{"only": 6}, {"train/only": 4, "test/only": 2}])
+def test_an_image_folder_of_one_class_is_refused_naming_it(tmp_path, layout):
+    """A model of one class answers it for every image ("accuracy 1.0", then a champion)."""
+    root = folder(tmp_path / "raw", layout)
+    with pytest.raises(UserError, match="one class") as info:
+        prepare(params_for(tmp_path / "out", source="imagefolder", root=root, image_size=16))
+    assert str(root) in str(info.value) and "only" in str(info.value)
+    assert "two classes" in str(info.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_device_named_like_an_image_is_quarantined_unopened(tmp_path, kind):
+    """Reading one could block forever (a FIFO) or never end (/dev/zero)."""
+    root = folder(tmp_path / "raw", {"a": 5, "b": 5})
+    special_file(root / "a" / "special.png", kind)
+    special_file(root / "loose.png", kind)
+    _, manifest, _ = run(tmp_path / "out", source="imagefolder", root=root, image_size=16)
+    quarantine = json.loads((tmp_path / "out" / files.QUARANTINE).read_text())
+    assert sorted((q["path"], q["reason"]) for q in quarantine) == [
+        ("a/special.png", "not_a_file"), ("loose.png", "not_a_file")]
+    assert manifest["num"]["train"] + manifest["num"]["val"] + manifest["num"]["test"] == 10
+
+
+def test_names_that_are_not_utf8_are_kept_escaped(tmp_path):
+    """A file and a class folder whose names are not UTF-8: prepared, and named in the manifest
+    and quarantine.json as escaped bytes (components.images.file_name), valid UTF-8 JSON."""
+    root = folder(tmp_path / "raw", {"a": 5, "b": 5})
+    folder(raw_name(root, b"caf\xe9"), {"": 5}, seed=1)  # a Latin-1 name
+    raw_name(root / "a", b"bad\xff.png").write_bytes(b"not an image")
+    # A copy: when the split puts it apart from its original, the manifest names it as one.
+    raw_name(root / "a", b"dup\xfe.png").write_bytes((root / "a/000.png").read_bytes())
+    _, manifest, _ = run(tmp_path / "out", source="imagefolder", root=root, image_size=16)
+    assert class_names(manifest) == ["a", "b", "caf\\xe9"]
+    assert manifest["counts"]["train"]["caf\\xe9"] > 0
+    quarantine = json.loads((tmp_path / "out" / files.QUARANTINE).read_text())
+    assert [(q["path"], q["reason"]) for q in quarantine] == [("a/bad\\xff.png", "not_an_image")]
+    for name in (files.MANIFEST, files.QUARANTINE):
+        text = (tmp_path / "out" / name).read_bytes().decode("utf-8")
+        assert "\\ud" not in text  # no lone surrogate escaped into the JSON
+    assert raw_name(root, unescape_name(quarantine[0]["path"])).is_file()
 
 
 def test_missing_root_is_an_error_naming_it(tmp_path):

@@ -92,6 +92,32 @@ def assert_same_weights(a: dict, b: dict) -> None:
 # Entry point and outputs
 
 
+def test_prepared_data_with_one_class_in_train_is_refused(tmp_path):
+    """Prepared from split folders whose train/ holds one class (prepare takes it: the folder has
+    two): train refuses before any work, naming the data and the class."""
+    from PIL import Image
+
+    from components.augment import augment
+    from components.prepare import prepare
+
+    rng = np.random.default_rng(0)
+    for where, n in {"train/a": 8, "test/a": 2, "test/b": 2}.items():
+        (tmp_path / "raw" / where).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (12, 12), np.uint8)).save(
+                tmp_path / "raw" / where / f"{i}.png")
+    params = validate({"paths": {k: str(tmp_path / k) for k in ("prepared", "augment", "train")},
+                       "data": {"source": "imagefolder", "root": str(tmp_path / "raw"),
+                                "image_size": 12, "channels": 1},
+                       "train": {"epochs": 1, "device": "cpu"}})
+    prepare(params)
+    augment(params)
+    with pytest.raises(UserError, match="at least two") as info:
+        train(params)
+    assert str(tmp_path / "prepared") in str(info.value) and "(a)" in str(info.value)
+    assert not (tmp_path / "train").exists()
+
+
 def test_entry_point_trains_one_epoch_and_writes_its_files(tmp_path, data):
     _, path = settings(tmp_path, data, policy="basic")
     proc = run_cli(path, "train.epochs=1")
