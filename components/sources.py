@@ -7,6 +7,7 @@ assigned it, if any. prepare decides the final splits and writes them.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -226,6 +227,7 @@ def _folder(cfg: Data, workdir: Path) -> Pool:
     n, size, channels = len(scan.candidates), cfg.image_size, cfg.channels or 3
     shape = (max(n, 1), size, size, channels)
     x = np.lib.format.open_memmap(workdir / files.POOL, mode="w+", dtype=np.uint8, shape=shape)
+    _reserve(workdir / files.POOL)
     ok = np.zeros(n, bool)
     quarantine = list(scan.rejected)
     job = partial(decode_file, size=size, channels=channels, resize=cfg.resize,
@@ -257,6 +259,18 @@ def _folder(cfg: Data, workdir: Path) -> Pool:
         ignored=scan.ignored,
         quarantine=quarantine,
     )
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the memory-mapped pool's blocks now: on a disk that cannot hold it this is an
+    OSError (ENOSPC) here, where a write into a mapped page the disk has no room for would kill
+    the process with SIGBUS. Where the filesystem cannot say (EOPNOTSUPP), it is left sparse."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
 
 
 def _check_every_class_has_images(scan, ok: np.ndarray) -> None:
