@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -662,6 +663,7 @@ def _say(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     if ddp.in_worker():  # started by ddp.launch: the parent that started it tracks
+        ddp.die_with_parent(signal.SIGKILL)  # a rank never outlives torchrun
         run_step(ddp.record(train), argv)
     else:
         run_step(train, argv, track="start")
