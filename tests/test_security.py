@@ -118,7 +118,8 @@ def test_the_flow_parameters_are_refused_the_same_way(tmp_path):
     from flows.pipeline import training_pipeline
     from flows.settings import resolve
 
-    for model in ({"api_token": SECRET}, {"checkpoint": f"http://u:{SECRET}@host/m.pt"}):
+    for model in ({"api_token": SECRET}, {"checkpoint": f"http://u:{SECRET}@host/m.pt"},
+                  {"checkpoint": f"https://host/m.pt?token={SECRET}"}):
         with pytest.raises(ParameterTypeError) as info:
             training_pipeline.validate_parameters({"model": model})
         message = str(info.value)
