@@ -230,6 +230,24 @@ def test_a_planted_secret_reaches_no_message_log_or_mlflow(tmp_path, digits, ove
             assert SECRET not in str(run.data.params) + str(run.data.tags)
 
 
+def test_a_tag_quoting_an_address_is_redacted(tmp_path, monkeypatch):
+    """What a step tags its run with (predict: the model's URI, which is not a setting) passes
+    the one redaction, into a real SQLite-backed MLflow store."""
+    from mlflow import MlflowClient
+
+    from components.tracking import Tracker
+    from tests.projects import make_project
+
+    monkeypatch.chdir(make_project(tmp_path / "project", dvc=False))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with Tracker.start(load_params(overrides=["register.model_name=redacted-tags"])) as tracker:
+        tracker.on_train_start(0)
+        tracker.set_tags({"batch.model": f"https://models.example/m.pt?token={SECRET}"})
+    tags = MlflowClient().get_run(tracker.run_id).data.tags
+    assert tags["batch.model"] == "https://models.example/m.pt?token=***"
+    assert _files_holding(tmp_path, SECRET) == []
+
+
 # --- servers on loopback ------------------------------------------------------------------------
 
 
