@@ -15,6 +15,7 @@ formats that announce themselves (PEM private keys, AWS access key ids, GitHub t
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any
@@ -71,6 +72,7 @@ def credential_name(name: str) -> bool:
         pair in SECRET_PAIRS for pair in zip(words, words[1:], strict=False))
 
 
+@functools.lru_cache(maxsize=4096)  # a long text repeats its names
 def _secret_param(name: str, in_query: bool) -> bool:
     """Named like a credential anywhere; in a query string also `key`, `...-Signature`, ..."""
     words = _words(name)
@@ -80,8 +82,12 @@ def _secret_param(name: str, in_query: bool) -> bool:
 def _userinfo_spans(text: str) -> list[tuple[int, int]]:
     """(start, end) of each address's user part in `text`, its @ included."""
     spans = []
-    for scheme in SCHEME.finditer(text):
-        ends = [m.end() for p in USERINFO if (m := p.match(text, scheme.end()))]
+    schemes = list(SCHEME.finditer(text))
+    stops = [m.start() for m in schemes[1:]] + [len(text)]
+    for scheme, stop in zip(schemes, stops, strict=False):
+        # Looked for up to the next address only: each part of the text is read once, however
+        # many addresses it holds (a long setting of them would otherwise take hours).
+        ends = [m.end() for p in USERINFO if (m := p.match(text, scheme.end(), stop))]
         if ends:
             spans.append((scheme.end(), max(ends)))
     return spans
@@ -106,17 +112,25 @@ def _replace(text: str, user: str, param: str | None) -> str:
     (None: the parameter is dropped) and key material by MASK."""
     for pattern, _ in KEY_MATERIAL:
         text = pattern.sub(MASK, text)
-    for start, end in reversed(_userinfo_spans(text)):
-        text = text[:start] + user + text[end:]
-    for m in reversed(_params(text)):
+    text = _splice(text, [(start, end, user) for start, end in _userinfo_spans(text)])
+    cuts = []
+    for m in _params(text):
         if param is not None:
-            text = text[:m.start(2)] + param + text[m.end(2):]
+            cuts.append((m.start(2), m.end(2), param))
         else:  # the parameter and the separator before it (the first's ? stays for the rest)
             start = m.start() - 1 if m.start() and text[m.start() - 1] in "&;" else m.start()
-            end = m.end() + 1 if start == m.start() and text[m.end():m.end() + 1] in ("&", ";") \
-                else m.end()
-            text = text[:start] + text[end:]
-    return text
+            after = start == m.start() and text[m.end():m.end() + 1] in ("&", ";")
+            cuts.append((start, m.end() + after, ""))
+    return _splice(text, cuts)
+
+
+def _splice(text: str, cuts: list[tuple[int, int, str]]) -> str:
+    """`text` with each (start, end) range, in order and apart, replaced by its string."""
+    pieces, at = [], 0
+    for start, end, new in cuts:
+        pieces += [text[at:start], new]
+        at = end
+    return "".join(pieces) + text[at:]
 
 
 def unescaped_userinfo(uri: str) -> bool:
