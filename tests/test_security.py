@@ -133,8 +133,8 @@ def test_the_flow_parameters_are_refused_the_same_way(tmp_path):
 
 # A value holding SECRET, and the part of it a message may keep.
 PLANTED = [
-    (f"https://bob:p@{SECRET}@models.example/model.pt", "models.example"),  # an @ in the password
-    (f"https://bob:pa/{SECRET}@models.example/model.pt", "https://"),  # SQLAlchemy's reading
+    (f"https://bob:p@{SECRET}@models.example/m.pt", "models.example"),  # an @ in the password
+    (f"https://bob:pa/{SECRET}@models.example/m.pt", "https://"),  # SQLAlchemy's reading
     (f"https://data.example/raw?password={SECRET}&v=2", "v=2"),
     (f"https://models.example/m.pt?token={SECRET}", "models.example"),
     (f"https://models.example/m.pt?X-Amz-Signature={SECRET}", "models.example"),
@@ -156,7 +156,7 @@ def test_redact_and_shown_remove_the_secret_and_keep_the_rest(text, kept):
 
 @pytest.mark.parametrize("text", [
     "https://example.org/data@v2/x", "http://localhost:5000/#/models/digits@champion",
-    "https://host:8080/data@v2?rev=3", "s3://bucket/table/key=3/part-0", "sqlite:////a/optuna.db",
+    "https://host:8080/data@v2?rev=3", "s3://bucket/table/key=3/part-0", "sqlite:////a/study.db",
     "models:/digits-classifier@champion", "https://h/x?max_tokens=5&tokenizer=bpe",
 ])
 def test_addresses_without_a_secret_are_left_alone(text):

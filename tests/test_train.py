@@ -122,24 +122,25 @@ def test_prepared_data_with_one_class_in_train_is_refused(tmp_path):
 def test_a_disk_that_fills_is_an_error_naming_it_and_the_run_resumes(tmp_path, data):
     """On a tmpfs (tests/disks.py) sized from a first run so that epoch 1's checkpoints fit and
     epoch 2's do not: `error: no space left on <disk>` (torch's writer had made it a
-    RuntimeError), the checkpoints whole (their hashes verify; last.pt of epoch 1) and nothing
-    half-written;
-    with the disk made larger, the same command resumes after epoch 1 and finishes."""
+    RuntimeError), the checkpoints whole (their hashes verify; the last of epoch 1) and nothing
+    half-written; with the disk made larger, the same command resumes after epoch 1 and
+    finishes."""
     _, path = settings(tmp_path, data)
     path.write_text(path.read_text().replace(str(tmp_path / "train"), "disk/train"))
-    checks = ("from components import checkpoint as c; import sys; d = 'checkpoints/'; "
-              "print(c.load(d + 'best.pt')['epoch'], c.load(d + 'last.pt')['progress']['epoch'])")
+    best, last = (f"{files.CHECKPOINTS}/{name}" for name in (files.BEST, files.LAST))
+    checks = ("from components import checkpoint as c; "
+              f"print(c.load('{best}')['epoch'], c.load('{last}')['progress']['epoch'])")
     done = on_small_disk(f"""
         $PY -m components.train > /dev/null 2>&1
         used=$(du -sk "$DISK" | cut -f1)
-        model=$(du -k "$DISK/train/model.pt" | cut -f1)
-        last=$(du -k "$DISK/train/checkpoints/last.pt" | cut -f1)
+        model=$(du -k "$DISK/train/{files.MODEL}" | cut -f1)
+        last=$(du -k "$DISK/train/{last}" | cut -f1)
         rm -r "$DISK/train"
         mount -o remount,size=$((used - model + last / 2))k "$DISK"
         $PY -m components.train --set train.epochs=2 2> full.err && echo 0 > full.rc \
             || echo $? > full.rc
         (cd "$DISK/train" && $PY -c "{checks}") > epochs.txt
-        ls -A "$DISK/train" "$DISK/train/checkpoints" > left.txt
+        ls -A "$DISK/train" "$DISK/train/{files.CHECKPOINTS}" > left.txt
         mount -o remount,size=8m "$DISK"
         $PY -m components.train --set train.epochs=2 > after.json 2> after.err
         """, tmp_path / "disk", tmp_path, "8m",
@@ -149,7 +150,7 @@ def test_a_disk_that_fills_is_an_error_naming_it_and_the_run_resumes(tmp_path, d
     assert (tmp_path / "full.rc").read_text().strip() == "2", err
     assert f"error: no space left on {tmp_path / 'disk'}" in err and "Traceback" not in err
     best, last = (tmp_path / "epochs.txt").read_text().split()  # both load: hashes verify
-    assert last == "1" and best in ("1", "2")  # best.pt is saved before last.pt
+    assert last == "1" and best in ("1", "2")  # the best checkpoint is saved before the last
     assert not [n for n in (tmp_path / "left.txt").read_text().split() if n.endswith(".tmp")]
     after = json.loads((tmp_path / "after.json").read_text())
     assert (after["epochs"], after["resumed_from"]) == (2, 1)
