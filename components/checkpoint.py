@@ -60,7 +60,8 @@ def save(path: str | Path, obj: dict[str, Any]) -> Path:
     """
     path = Path(path)
     with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:  # through Python's file: a full disk stays an OSError (ENOSPC)
+            torch.save(obj, f)      # in the error's context, where torch's own writer loses it
         digest = _digest(tmp)
         _write_hashes(path, [digest, *sorted(_accepted(path) - {digest})])
     _write_hashes(path, [digest])

@@ -22,6 +22,13 @@
   it), so a rank that hangs ends the run instead of stalling it. Workers run train() without
   callbacks; the loop wraps the model in DDP, takes its share of each global batch, all-reduces
   the metrics, and only rank 0 writes history, checkpoints and model.pt.
+- Whatever ends the step's command ends torchrun and every rank, SIGKILL included (which no
+  handler sees): torchrun runs under a small launcher (`python -m components.ddp`) and each rank
+  starts by asking the kernel to signal it when its parent ends (`die_with_parent`, Linux's
+  PR_SET_PDEATHSIG, as torch.multiprocessing.spawn does for its children): torchrun gets SIGTERM
+  when the step's process ends, and stops its ranks as it does on any SIGTERM; a rank gets
+  SIGKILL when torchrun ends, however. So no rank outlives the process that started it and
+  goes on writing checkpoints that the next run would resume from.
 - A failure on any rank ends all of them: the rank's exception is recorded by torch.distributed's
   `record` in its log folder, torchrun stops the other ranks, and the parent raises
   DistributedTrainingError naming the first rank that failed, its error and its log.
@@ -36,10 +43,12 @@ in MODEL_MODULES_ENV and each worker imports it before building.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -62,7 +71,10 @@ from components.params import DEFAULT_PARAMS, Params, UserError
 __all__ = ["record"]  # main() wraps train in it: a worker's exception lands in its error.json
 
 WORKER_MODULE = "components.train"  # what torchrun runs with `-m`
+LAUNCHER = "components.ddp"  # runs torchrun, ended with the step (die_with_parent)
 LOADED_BY_NAME = (WORKER_MODULE,)  # components/step_code.py counts it as imported from here
+PARENT_ENV = "CNN_PIPELINE_DDP_PARENT"  # the pid of the process a launcher or rank must not outlive
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 WORKER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 MODEL_MODULES_ENV = "CNN_PIPELINE_MODEL_MODULES"
 TIMEOUT_ENV = "CNN_PIPELINE_DDP_TIMEOUT_S"
@@ -135,7 +147,7 @@ def launch(params: Params, n: int, callbacks: Sequence[Any],
     settings["train"]["devices"] = n
     with atomic_file(folder / DEFAULT_PARAMS) as tmp:
         tmp.write_text(yaml.safe_dump(settings, sort_keys=False))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    cmd = [sys.executable, "-m", LAUNCHER, "--standalone",
            "--nproc-per-node", str(n), "--log-dir", str(folder / "logs"),
            "--redirects", "3", "--tee", "3", "--local-ranks-filter", "0",
            "-m", WORKER_MODULE, "--params", str(folder / DEFAULT_PARAMS)]
@@ -161,6 +173,7 @@ def launch(params: Params, n: int, callbacks: Sequence[Any],
 
 def _worker_env(params: Params, n: int) -> dict[str, str]:
     env = dict(os.environ)
+    env[PARENT_ENV] = str(os.getpid())  # the launcher ends with this process
     # torchrun would set 1 thread per process with a warning; cores // n is what each may use.
     env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // n))
     # One host (--standalone): gloo's links between ranks stay on loopback rather than listening
@@ -297,6 +310,35 @@ def _recorded_errors(logs: Path) -> Iterator[tuple[bool, int, int, str, Path]]:
             path.parent / "stderr.log")
 
 
+# --- the launcher and a worker ------------------------------------------------------------------
+
+
+def die_with_parent(sig: signal.Signals) -> None:
+    """Have the kernel send `sig` to this process when its parent (the pid in PARENT_ENV) ends,
+    however it ends; at once, when it has ended already. Linux only (PR_SET_PDEATHSIG); elsewhere
+    nothing. (The signal comes when the parent's thread that started this process ends: the
+    step's launch() waits for torchrun in that thread, and torchrun starts its ranks from its
+    main thread.)"""
+    parent = os.environ.get(PARENT_ENV)
+    if not sys.platform.startswith("linux") or parent is None:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != int(parent):  # it ended before the request: nobody would send it
+        os.kill(os.getpid(), sig)
+
+
+def _torchrun(argv: list[str]) -> None:
+    """torchrun, ending with the step's process: SIGTERM then, on which torchrun stops its ranks
+    as on any SIGTERM; the ranks it starts end with it (train.main calls die_with_parent)."""
+    from torch.distributed.run import main
+
+    die_with_parent(signal.SIGTERM)
+    os.environ[PARENT_ENV] = str(os.getpid())  # the ranks inherit it: they end with torchrun
+    main(argv)
+
+
 # --- a worker --------------------------------------------------------------------------------
 
 
@@ -387,3 +429,7 @@ def hand_back(out: Path, world: World, result: dict[str, Any]) -> None:
     """Rank 0's result, for the parent to return."""
     if world.distributed and world.main:
         write_json(out / files.DDP / files.RESULT, result)
+
+
+if __name__ == "__main__":  # the launcher: `python -m components.ddp <torchrun's arguments>`
+    _torchrun(sys.argv[1:])

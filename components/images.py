@@ -1,10 +1,19 @@
-"""Image folders as users really have them: find the images, decode each to a fixed-size array.
+r"""Image folders as users really have them: find the images, decode each to a fixed-size array.
 
 `scan_folder` walks a folder (one folder per class, or train/ val/ test/ each holding class
-folders) and sorts every file into a candidate image, an ignored file, or a rejected one.
-`decode` turns one file (or its bytes) into an H×W×C uint8 array or raises `BadImage` with a
-reason code. Batch prediction and the served model (components/serve.py) use `decode` too, so
-images are preprocessed exactly as in training.
+folders) and sorts every file into a candidate image, an ignored file, or a rejected one (a link
+out of the folder, a FIFO, socket or device node named like an image: never opened, whose read
+could block forever). `list_images` walks a folder of images to score by the same rules, and
+`decode_file` decodes a candidate or says why it goes to quarantine: prepare and batch prediction
+share both, so a folder that one reads the other reads alike. `decode` turns one file (or its
+bytes) into an H×W×C uint8 array or raises `BadImage` with a reason code; the served model
+(components/serve.py) uses it too, so images are preprocessed exactly as in training.
+
+Names: a file or folder name is kept as text (`file_name`): as it is when it is UTF-8, otherwise
+with each byte that is not as an escape `\xNN`, and a backslash written `\\` (so every name
+maps to one text and back: `bad\xff.png` is the file whose name holds the byte 0xFF, and
+`bad\\xff.png` the one whose name holds a backslash). predictions.csv, quarantine.json and the
+manifest stay valid UTF-8, and a class folder's name is its class name the same way.
 
 Resize policy (`data.resize`): `crop` scales the shorter side to the target and cuts the centre
 (torchvision's classic eval transform: no distortion, loses the borders); `pad` fits the whole
@@ -16,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +82,17 @@ class Scan:
         self.rejected.append({"path": self.rel(path), "reason": reason, "detail": detail})
 
     def rel(self, path: Path) -> str:
-        return os.path.relpath(path, self.root)
+        return file_name(os.path.relpath(path, self.root))
+
+
+SURROGATE = re.compile("[\udc80-\udcff]")  # os.fsdecode's stand-ins for bytes that are not UTF-8
+
+
+def file_name(name: str | os.PathLike) -> str:
+    r"""A name as the OS gives it (undecodable bytes as surrogates), as text that names it
+    unambiguously: backslashes doubled, bytes that are not UTF-8 written `\xNN`."""
+    text = os.fsdecode(name).replace("\\", "\\\\")
+    return SURROGATE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", text)
 
 
 def scan_folder(root: str | Path) -> Scan:
@@ -99,17 +120,24 @@ def scan_folder(root: str | Path) -> Scan:
                 if _is_dir(cls):
                     _scan_class(Path(cls.path), SPLIT_FOLDERS[name], scan, real_root, seen)
                 else:
-                    _loose_file(Path(cls.path), scan, real_root)
+                    _loose_file(cls, scan, real_root)
     else:
         for cls in folders:
             _scan_class(Path(cls.path), None, scan, real_root, seen)
     for entry in top:
         if not _is_dir(entry):
-            _loose_file(Path(entry.path), scan, real_root)
+            _loose_file(entry, scan, real_root)
     if not scan.class_folders:
         raise UserError(
             f"data.root = {str(root)!r} holds no class folders; put each class's images in a "
             "folder named after the class"
+        )
+    classes = sorted({Path(f).name for f in scan.class_folders})
+    if len(classes) < 2:
+        # A model of one class answers it for every image: "accuracy 1.0", and a champion.
+        raise UserError(
+            f"data.root = {str(root)!r} holds one class ({classes[0]}): a classifier needs at "
+            "least two classes with images; add a folder of images for each other class"
         )
     return scan
 
@@ -161,10 +189,24 @@ def _link_ok(path: Path, scan: Scan, real_root: str) -> bool:
     return True
 
 
-def _loose_file(path: Path, scan: Scan, real_root: str) -> None:
+def _regular(entry: os.DirEntry, scan: Scan) -> bool:
+    """Whether an image's entry is a plain file (through a link); a FIFO, socket or device node
+    is rejected unopened: reading one can block forever or never end."""
+    mode = entry.stat(follow_symlinks=True).st_mode
+    if stat.S_ISREG(mode):
+        return True
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a character device" if stat.S_ISCHR(mode) else
+            "a block device" if stat.S_ISBLK(mode) else "not a file")
+    scan.reject(Path(entry.path), "not_a_file", f"{kind}, not a file of image data")
+    return False
+
+
+def _loose_file(entry: os.DirEntry, scan: Scan, real_root: str) -> None:
+    path = Path(entry.path)
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         scan.ignored += 1
-    elif _link_ok(path, scan, real_root):
+    elif _link_ok(path, scan, real_root) and _regular(entry, scan):
         scan.reject(path, "outside_class_folder", "an image must sit inside its class's folder")
 
 
@@ -173,6 +215,7 @@ def _scan_class(folder: Path, split: str | None, scan: Scan, real_root: str, see
         return
     rel_folder = scan.rel(folder)
     scan.class_folders.append(rel_folder)
+    label = file_name(folder.name)
     stack = [folder]
     while stack:  # nested folders inside a class belong to the class
         current = stack.pop()
@@ -186,9 +229,22 @@ def _scan_class(folder: Path, split: str | None, scan: Scan, real_root: str, see
                     seen.add(real)
                     stack.append(path)
             elif path.suffix.lower() in IMAGE_EXTENSIONS:
-                scan.candidates.append(Candidate(path, folder.name, split, rel_folder))
+                if _regular(entry, scan):
+                    scan.candidates.append(Candidate(path, label, split, rel_folder))
             else:
                 scan.ignored += 1
+
+
+def decode_file(path: str | Path, look: bool = False, **settings) -> tuple[tuple | None,
+                                                                           dict | None]:
+    """A scanned candidate decoded (`decode_seen`'s pair), or None and its quarantine entry's
+    reason and detail: a BadImage, or a file gone or unreadable since the scan."""
+    try:
+        return decode_seen(path, look=look, **settings), None
+    except BadImage as bad:
+        return None, {"reason": bad.reason, "detail": bad.detail}
+    except OSError as err:  # the detail without the path: quarantine.json names the file
+        return None, {"reason": "unreadable", "detail": f"{type(err).__name__}: {err.strerror}"}
 
 
 def decode(source: str | Path | bytes, size: int, channels: int, resize: str, min_side: int,
@@ -258,7 +314,10 @@ def _opened(source: str | Path | bytes) -> Path | io.BytesIO:
             raise BadImage("empty", "zero bytes")
         return io.BytesIO(source)
     path = Path(source)
-    if path.stat().st_size == 0:
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):  # put there since the scan: never opened (module doc)
+        raise BadImage("not_a_file", "not a file of image data")
+    if info.st_size == 0:
         raise BadImage("empty", "zero-byte file")
     return path
 

@@ -29,13 +29,18 @@ from pydantic import (
     model_validator,
 )
 
-from components.credentials import SECRET_ADVICE, no_secrets, secrets_in
+from components.credentials import SECRET_ADVICE, no_secrets, redact, secrets_in
 
 DEFAULT_PARAMS = "params.yaml"
 
 
 class UserError(Exception):
-    """Something the user can fix; the message names the thing and what to do."""
+    """Something the user can fix; the message names the thing and what to do. Its message is
+    redacted (components/credentials.py): whatever address or setting it quotes, wherever it is
+    printed or logged (the command line, Prefect's logs), carries no password, token or key."""
+
+    def __init__(self, message: object = "", *args: object):
+        super().__init__(redact(str(message)), *args)
 
 
 class ParamsError(UserError):
@@ -63,6 +68,10 @@ class Paths(Section):
     search: Path = Path("outputs/search")
 
 
+# A seed goes to numpy's legacy seeding (np.random.seed, and the RandomState of Optuna's
+# samplers), which takes 32 bits, to torch.manual_seed (64) and to numpy's Generator (any size):
+# the narrowest rules.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 ClassWeight = Annotated[float, Field(gt=0.0, le=1e6, allow_inf_nan=False)]
 Threshold = Annotated[float, Field(ge=0.0, le=1e6, allow_inf_nan=False)]
 Share = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
@@ -82,7 +91,7 @@ class Data(Section):
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     resplit: bool = False
     drop_duplicates: bool = False
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _check(self) -> Data:
@@ -167,7 +176,7 @@ class Train(Section):
     resume: Literal["auto", "never"] = "auto"
     max_bad_steps: int = Field(10, ge=1, le=1_000_000)
     device_data_mb: int = Field(4096, ge=0, le=10_000_000)
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     # Imbalanced classes (components/train.py, components/batches.py say how). A mapping's keys
     # are class names; classes it leaves out weigh 1.
     class_weights: Literal["none", "balanced"] | dict[str, ClassWeight] = "none"
@@ -278,7 +287,7 @@ class Search(Section):
     pruner: Literal["median", "hyperband", "none"] = "median"
     startup_trials: int = Field(5, ge=0, le=100_000)
     min_epochs: int = Field(1, ge=1, le=10_000)
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     keep_checkpoints: bool = False
     space: dict[str, dict[str, list[Any]]] = {}  # pydantic copies it per instance
 
@@ -409,7 +418,7 @@ def _describe(error: dict[str, Any], raw: dict[str, Any]) -> str:
     """One line per problem: where, what was given, what is allowed."""
     loc = [str(part) for part in error["loc"] if not UNION_BRANCH.match(str(part))]
     key = ".".join(loc) or "(top level)"
-    given = json.dumps(error.get("input"), default=str)
+    given = _shown_value(error.get("input"))
     if error["type"] == "extra_forbidden":
         section = _lookup_model(loc[:-1])
         allowed = ", ".join(section.model_fields) if section else ""
@@ -418,6 +427,15 @@ def _describe(error: dict[str, Any], raw: dict[str, Any]) -> str:
         # A cross-field check: its message already names the keys.
         return f"{key}: {error['msg'].removeprefix('Value error, ')}"
     return f"{key} = {given}: {error['msg']}"
+
+
+def _shown_value(value: Any) -> str:
+    """A refused value for the message, shortened: a number of thousands of digits (which Python
+    will not even print) or a long text is not repeated whole."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"(an integer of {value.bit_length()} bits)"
+    given = json.dumps(value, default=str)
+    return given if len(given) <= 200 else f"{given[:100]}... ({len(given)} characters)"
 
 
 def _lookup_model(loc: list[str]) -> type[BaseModel] | None:
@@ -432,6 +450,64 @@ def _lookup_model(loc: list[str]) -> type[BaseModel] | None:
     return model
 
 
+# Bounds of what the settings' YAML may hold: params.yaml is a few kB of a few hundred values.
+# YAML aliases are shared when loaded, but everything after (validation, the secrets check,
+# logging) walks them as copies: a "billion laughs" of nested anchors is a few hundred bytes that
+# expand to 10**9 values. The loader counts values as if every alias were copied.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 50
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader (plain data only: tags that build objects are refused), counting."""
+
+    def __init__(self, stream: str, where: str):
+        super().__init__(stream)
+        self.where, self.depth, self.sizes = where, 0, {}
+
+    def _refuse(self, what: str) -> None:
+        raise ParamsError(f"{self.where}: {what}; settings are a few hundred plain values")
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            node = self.anchors.get(self.peek_event().anchor)
+            if node is not None and id(node) not in self.sizes:  # its anchor is still open
+                self._refuse("an alias refers to a value that holds it")
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            self._refuse(f"nested more than {MAX_YAML_DEPTH} levels deep")
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        if id(node) not in self.sizes:  # new, not an alias: its children are counted already
+            children = []
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            self.sizes[id(node)] = 1 + sum(self.sizes[id(child)] for child in children)
+        if self.sizes[id(node)] > MAX_YAML_VALUES:
+            self._refuse(f"its aliases expand to more than {MAX_YAML_VALUES} values")
+        return node
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """The one reader of settings YAML (params.yaml, --set values): plain data, bounded in size,
+    depth and expansion (a ParamsError naming `where`); malformed YAML raises yaml.YAMLError."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ParamsError(f"{where}: {len(text)} characters, over the {MAX_YAML_BYTES} a "
+                          "settings file may hold")
+    loader = _BoundedLoader(text, where)
+    try:
+        return loader.get_single_data()
+    except ValueError as err:  # a number Python will not read: over 4300 digits
+        raise ParamsError(f"{where}: {str(err).split(';')[0]}") from None
+    finally:
+        loader.dispose()
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     """`section.key=value`, or a whole section as one mapping, `section={key: value, ...}` (its
     keys left out take their defaults; how the Kubeflow pipeline passes a section parameter)."""
@@ -441,7 +517,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ParamsError(usage)
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = read_yaml(value, f"--set {key.strip()}") if value.strip() else None
     except yaml.YAMLError:
         parsed = value  # not YAML: let validation judge it as a string
     if "." not in key and not isinstance(parsed, dict):
@@ -455,7 +531,10 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] = ()) ->
     if not path.is_file():
         raise ParamsError(f"{path}: settings file not found; pass --params FILE or create {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save the "
+                          "settings file as UTF-8") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -469,7 +548,8 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] = ()) ->
                 raise ParamsError(f"--set {text!r}: {part} is not a section")
         node[keys[-1]] = value
     refuse_secrets(raw, str(path) + (" and --set" if overrides else ""))  # before any echo
-    source = str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
+    shown = " ".join(o if len(o) <= 200 else f"{o[:100]}..." for o in overrides)
+    source = str(path) + (f" with --set {shown}" if overrides else "")
     return validate(raw, source=source)
 
 

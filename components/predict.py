@@ -1,4 +1,4 @@
-"""predict: score a folder of images with a trained model (batch prediction).
+r"""predict: score a folder of images with a trained model (batch prediction).
 
 Reads every image under a folder, at any depth and of any size and mode, and a model: a local
 model.pt (or the folder holding it) or an MLflow URI, by default `models:/<register.model_name>
@@ -8,9 +8,12 @@ model.pt (or the folder holding it) or an MLflow URI, by default `models:/<regis
 the evaluate section's batch_size, device and tta_flip, so a test image scores here as it did in
 evaluate. Writes under `paths.predictions`, into a temporary folder that replaces the old one only
 when complete:
-- `predictions.csv`: path (relative to the folder), class, confidence, then the top-k classes and
-  their probabilities (top1_class, top1_prob, top2_class, ...);
-- `quarantine.json`: every file that could not be scored, with the reason (as prepare's);
+- `predictions.csv`: path (relative to the folder; a name that is not UTF-8 with its bytes
+  escaped, `\xNN`, and backslashes doubled: components.images.file_name), class, confidence,
+  then the top-k classes and their probabilities (top1_class, top1_prob, top2_class, ...);
+- `quarantine.json`: every file that could not be scored, with the reason; the folder is read
+  with prepare's scanner and file rules (components.images: a FIFO or a device node is rejected
+  unopened, a link out of the folder too);
 - `drift.json`: how the folder compares with the model's training and test data, figure by
   figure against the `predict.drift_*` thresholds (components/drift.py); each figure crossed is
   a warning on stderr, and with `predict.fail_on_drift` an error (exit 2) once everything above
@@ -41,7 +44,7 @@ import torch
 from components import cli, drift, files
 from components.atomic import atomic_dir, write_json
 from components.checkpoint import load_model, resolve_model_uri, score
-from components.images import BadImage, decode_seen, list_images
+from components.images import decode_file, list_images
 from components.onnx_model import OnnxClassifier
 from components.params import Params, UserError
 from components.prepared import read_manifest
@@ -94,8 +97,8 @@ def predict(params: Params, folder: str | Path | None = None,
                 names, images, seen = [], [], []
                 chunk = scan.candidates[start:start + CHUNK]
                 # Pillow releases the GIL while it decodes and resizes: threads suffice.
-                for cand, (image, bad) in zip(chunk, pool.map(lambda c: _decode(c.path, settings),
-                                                                chunk), strict=True):
+                decoded = pool.map(lambda c: decode_file(c.path, look=True, **settings), chunk)
+                for cand, (image, bad) in zip(chunk, decoded, strict=True):
                     if bad is None:
                         names.append(scan.rel(cand.path))
                         images.append(image[0])
@@ -172,15 +175,6 @@ def _resize_policy(meta: dict, params: Params) -> str:
         return read_manifest(params.paths.prepared)["resize"]
     except (UserError, KeyError):
         return params.data.resize
-
-
-def _decode(path: Path, settings: dict) -> tuple[tuple | None, dict | None]:
-    try:
-        return decode_seen(path, **settings), None
-    except BadImage as bad:
-        return None, {"reason": bad.reason, "detail": bad.detail}
-    except OSError as err:  # vanished or unreadable between the scan and now
-        return None, {"reason": "unreadable", "detail": f"{type(err).__name__}: {err}"}
 
 
 def _write_rows(writer, names: list[str], probs: np.ndarray, classes: list[str], k: int) -> None:

@@ -65,5 +65,16 @@ def _load_array(path: Path, mode: str | None = None) -> np.ndarray:
                         "step again") from None
 
 
+def require_two_classes(manifest: dict[str, Any], root: str | Path) -> None:
+    """A UserError unless two classes or more have training images: a model of one class
+    answers it for every image (accuracy 1.0 on its own test split), and could become a champion.
+    prepare refuses such a folder; this refuses prepared data made otherwise."""
+    present = [name for name, n in manifest["counts"]["train"].items() if n]
+    if len(present) < 2:
+        raise UserError(f"{Path(root) / files.MANIFEST}: the train split holds images of "
+                        f"{len(present)} class(es) ({', '.join(present) or 'none'}); a classifier "
+                        "needs at least two: prepare data with images of each class")
+
+
 def class_names(manifest: dict[str, Any]) -> list[str]:
     return [c["name"] for c in sorted(manifest["classes"], key=lambda c: c["index"])]

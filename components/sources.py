@@ -7,6 +7,7 @@ assigned it, if any. prepare decides the final splits and writes them.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from components import files
-from components.images import BadImage, decode, scan_folder
+from components.images import decode_file, scan_folder
 from components.params import Data, UserError
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
@@ -226,9 +227,10 @@ def _folder(cfg: Data, workdir: Path) -> Pool:
     n, size, channels = len(scan.candidates), cfg.image_size, cfg.channels or 3
     shape = (max(n, 1), size, size, channels)
     x = np.lib.format.open_memmap(workdir / files.POOL, mode="w+", dtype=np.uint8, shape=shape)
+    _reserve(workdir / files.POOL)
     ok = np.zeros(n, bool)
     quarantine = list(scan.rejected)
-    job = partial(_decode_job, size=size, channels=channels, resize=cfg.resize,
+    job = partial(decode_file, size=size, channels=channels, resize=cfg.resize,
                   min_side=cfg.min_side)
     paths = [str(c.path) for c in scan.candidates]
     # Threads, not processes: Pillow decodes and resizes without holding the GIL, so two
@@ -238,7 +240,7 @@ def _folder(cfg: Data, workdir: Path) -> Pool:
         results = workers.imap(job, paths, chunksize=16)
         for i, (image, bad) in enumerate(tqdm(results, total=n, desc="prepare", unit="img")):
             if bad is None:
-                x[i], ok[i] = image, True
+                x[i], ok[i] = image[0], True
             else:
                 quarantine.append({"path": scan.rel(scan.candidates[i].path), **bad})
     _check_every_class_has_images(scan, ok)
@@ -259,11 +261,16 @@ def _folder(cfg: Data, workdir: Path) -> Pool:
     )
 
 
-def _decode_job(path: str, **settings) -> tuple[np.ndarray | None, dict | None]:
-    try:
-        return decode(path, **settings), None
-    except BadImage as bad:
-        return None, {"reason": bad.reason, "detail": bad.detail}
+def _reserve(path: Path) -> None:
+    """Allocate the memory-mapped pool's blocks now: on a disk that cannot hold it this is an
+    OSError (ENOSPC) here, where a write into a mapped page the disk has no room for would kill
+    the process with SIGBUS. Where the filesystem cannot say (EOPNOTSUPP), it is left sparse."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
 
 
 def _check_every_class_has_images(scan, ok: np.ndarray) -> None:

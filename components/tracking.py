@@ -73,6 +73,7 @@ from mlflow.exceptions import MlflowException
 
 from components import files
 from components.atomic import atomic_file, write_json
+from components.credentials import redact, shown  # secrets masked in text, dropped in addresses
 from components.params import DEFAULT_PARAMS, Params, UserError, flatten
 from components.prepared import load_split, read_manifest
 
@@ -95,15 +96,6 @@ def tracking_uri() -> str:
 
 def embedded_uri() -> str:
     return f"sqlite:///{Path(EMBEDDED_DB).resolve()}"
-
-
-def shown(uri: str) -> str:
-    """`uri` without any user:password part, for messages and tags."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None and parts.username is None:
-        return uri
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (
-        f":{parts.port}" if parts.port else "")))
 
 
 def check_reachable(uri: str) -> None:
@@ -509,7 +501,7 @@ class Tracker:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Queue tags; delivered in the background like metrics."""
-        self.outbox.put(tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.outbox.put(tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
     def close(self, status: str = "FINISHED") -> None:
         """Deliver what is queued (waiting up to register.flush_timeout_s), park the rest, and
@@ -678,4 +670,4 @@ def _numbers(metrics: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, f
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr)
+    print(redact(message), file=sys.stderr)  # a server's error may quote its address

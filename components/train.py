@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -69,7 +70,7 @@ from components.atomic import write_json
 from components.batches import Images, load_images
 from components.cli import run_step
 from components.params import Params, UserError
-from components.prepared import class_names, load_split, read_manifest
+from components.prepared import class_names, load_split, read_manifest, require_two_classes
 from components.step_code import code_hashes
 
 if TYPE_CHECKING:
@@ -175,7 +176,9 @@ def train(params: Params, tracker: Callback | None = None,
     `tracker` (components.tracking) is one more callback, heard first: its run is open before
     the others hear that training starts (a search's reporter reads run.json)."""
     callbacks = [*([tracker] if tracker is not None else []), *callbacks]
-    class_weights(params.train, read_manifest(params.paths.prepared))  # refused before any work
+    manifest = read_manifest(params.paths.prepared)
+    require_two_classes(manifest, params.paths.prepared)  # refused before any work
+    class_weights(params.train, manifest)
     device, precision = recipe.runtime(params.train)
     n = ddp.device_count(params.train, device)
     if n > 1 and not ddp.in_worker():
@@ -660,6 +663,7 @@ def _say(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     if ddp.in_worker():  # started by ddp.launch: the parent that started it tracks
+        ddp.die_with_parent(signal.SIGKILL)  # a rank never outlives torchrun
         run_step(ddp.record(train), argv)
     else:
         run_step(train, argv, track="start")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from components import files
+from components.credentials import unescaped_userinfo
 from components.params import Params, UserError
 from components.tracking import shown
 
@@ -67,6 +68,10 @@ def trial_storage_url(recorded: str) -> str:
 def open_storage(url: str):
     import optuna
 
+    if unescaped_userinfo(url):
+        raise UserError(f"Optuna storage {shown(url)}: its user:password part holds an @ or / "
+                        f"that is not percent-encoded (write @ as %40, / as %2F). Fix "
+                        f"search.storage or {STORAGE_ENV}")
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}

@@ -8,6 +8,8 @@
 - `make_messy_folder`: an image folder with every case a user's folder has, and what the prepare
   step must make of each file.
 - `write_image`, `noise`, `png_bilevel`, `png_blank`: single files.
+- `special_file`: a FIFO or a device node where an image file would be; `raw_name` and
+  `unescape_name`: file names that are not UTF-8, and the bytes an escaped name stands for.
 
 Import from a test as `from tests.formats import ...`.
 """
@@ -17,6 +19,8 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import re
+import stat
 import struct
 import zlib
 from collections import Counter
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image, features
 
 # ---------------------------------------------------------------------------------------------
@@ -371,3 +376,32 @@ def make_messy_folder(root: str | Path, bomb: bool = True) -> Expected:
     write_image(root / "stray.png", noise(20, 20, next(seed)))
     exp.outcomes["stray.png"] = "outside_class_folder"
     return exp
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile folder entries
+
+
+def special_file(path: str | Path, kind: str) -> Path:
+    """A FIFO (`fifo`) or a character device like /dev/null (`device`) at `path`; pytest.skip
+    with the reason where this user may not make a device node (it takes root)."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        try:
+            os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip("making a device node needs root (CAP_MKNOD), which this user has not")
+    return Path(path)
+
+
+def raw_name(folder: str | Path, name: bytes) -> Path:
+    """`folder`/`name` for a name of any bytes (os.fsdecode keeps those that are not UTF-8)."""
+    return Path(folder) / os.fsdecode(name)
+
+
+def unescape_name(text: str) -> bytes:
+    """The bytes of the name that components.images.file_name wrote as `text` (its inverse)."""
+    return re.sub(rb"\\(\\|x([0-9a-f]{2}))",
+                  lambda m: bytes.fromhex(m.group(2).decode()) if m.group(2) else b"\\",
+                  text.encode())

@@ -13,10 +13,13 @@ says how.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,10 +55,10 @@ def settings(folder: Path, data: Path, *overrides: str):
     return load_params(path, list(overrides)), path
 
 
-def run_cli(path: Path, *overrides: str, fault: str | None = None,
-            timeout_s: int | None = None) -> subprocess.CompletedProcess:
-    """`python -m components.train` as a user runs it, after importing this module (for its
-    models); bounded: a hang fails the test instead of stalling it."""
+def command(path: Path, *overrides: str, fault: str | None = None,
+            timeout_s: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of `python -m components.train` as a user runs it, after importing
+    this module (for its models)."""
     start = "import tests.conftest; from components.train import main; main()"
     args = [sys.executable, "-c", start, "--params", str(path)]
     for item in overrides:
@@ -67,6 +70,13 @@ def run_cli(path: Path, *overrides: str, fault: str | None = None,
         env[FAULT_ENV] = fault
     if timeout_s:
         env["CNN_PIPELINE_DDP_TIMEOUT_S"] = str(timeout_s)
+    return args, env
+
+
+def run_cli(path: Path, *overrides: str, fault: str | None = None,
+            timeout_s: int | None = None) -> subprocess.CompletedProcess:
+    """The command, run to its end; bounded: a hang fails the test instead of stalling it."""
+    args, env = command(path, *overrides, fault=fault, timeout_s=timeout_s)
     return subprocess.run(args, cwd=path.parent, env=env, capture_output=True, text=True,
                           timeout=BOUND_S)
 
@@ -179,6 +189,58 @@ def test_a_failing_rank_ends_both_keeps_the_last_checkpoint_and_the_run_resumes(
     assert result["resumed_from"] == 1 and result["epochs"] == 2
     (client, run), = runs(tmp_path)  # the resumed run logs into the run it started
     assert val_acc_steps(client, run) == [1, 2]
+
+
+def _children(pid: int) -> list[int]:
+    """Every process below `pid` (by /proc's parent links), at any depth."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            # The fields after the command's closing parenthesis: state, ppid, ...
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1]
+                                           .split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        below = [p for p, parent in parents.items() if parent in frontier]
+        found += below
+        frontier = below
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie that nobody reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigkill_of_the_command_ends_torchrun_and_every_rank(tmp_path, data):
+    """The command of a two-process training, killed with SIGKILL (no handler runs) once its
+    ranks train: torchrun and both ranks end too, rather than training on into the outputs the
+    next run resumes from. (The deadline only bounds the wait; it times nothing.)"""
+    _, path = settings(tmp_path, data, "train.devices=2")
+    args, env = command(path, "train.devices=2", "train.epochs=1000")
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    family: list[int] = []
+    try:
+        history, deadline = tmp_path / "train" / files.HISTORY, time.monotonic() + BOUND_S
+        while not history.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # the ranks have trained an epoch
+        family = _children(proc.pid)
+        assert history.exists() and len(family) >= 3, family  # torchrun and two ranks
+        proc.kill()
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while any(map(_alive, family)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in family if _alive(pid)]
+    finally:
+        for pid in [proc.pid, *family]:  # whatever outlived the test
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=60)
 
 
 @pytest.mark.slow

@@ -359,3 +359,75 @@ def test_a_whole_section_as_one_mapping_replaces_the_files_section(tmp_path):
     assert_names(by_section, "train.epochs = 0")
     assert_names(error_of(tmp_path, "", ["train=5"]), "train=5", "section.key=value",
                  "section={key: value")
+
+
+# --- hostile settings: refused, never a hang or a traceback ------------------------------------
+
+LAUGHS = "lol: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"l{i}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(9))
+
+
+@pytest.mark.parametrize(("text", "overrides", "names"), [
+    (LAUGHS, [], ["params.yaml", "aliases", "100000"]),  # 10**10 values once expanded
+    ("", [f"search.space={{{LAUGHS.replace(chr(10), ', ')}}}"], ["--set search.space", "aliases"]),
+    ("x: " + "[" * 5000 + "]" * 5000 + "\n", [], ["params.yaml", "nested"]),
+    ("train: &t {epochs: [*t]}\n", [], ["params.yaml", "alias"]),
+    ("train:\n  seed: " + "9" * 5000 + "\n", [], ["params.yaml", "4300 digits"]),
+    ("", ["train.seed=" + "9" * 5000], ["--set train.seed", "4300 digits"]),
+])
+def test_hostile_yaml_is_refused_by_the_one_reader(tmp_path, text, overrides, names):
+    """A billion laughs, YAML nested thousands deep, an alias inside itself, a number Python
+    will not read: each is a ParamsError naming where, in params.yaml and in --set alike."""
+    assert_names(error_of(tmp_path, text, overrides), *names)
+
+
+def test_a_billion_laughs_ends_the_command_with_an_error(tmp_path):
+    """The real command line, in a process of its own: it ends (exit 2) instead of expanding
+    10**10 values (which ran for minutes). The timeout only stops a hang; it times nothing."""
+    write(tmp_path, LAUGHS)
+    proc = subprocess.run([sys.executable, "-m", "components.prepare"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: params.yaml"), proc.stderr
+    assert "aliases" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_settings_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "params.yaml").write_bytes("train:\n  epochs: 3  # café\n".encode("latin-1"))
+    proc = subprocess.run([sys.executable, "-m", "components.prepare"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert_names(proc.stderr, "error: params.yaml", "UTF-8")
+
+
+def test_yaml_anchors_within_bounds_still_load(tmp_path):
+    text = "train: {batch_size: &n 128}\nevaluate: {batch_size: *n}\n"
+    params = load_params(write(tmp_path, text))
+    assert params.train.batch_size == params.evaluate.batch_size == 128
+
+
+SEEDS = ["data.seed", "train.seed", "search.seed"]
+
+
+@pytest.mark.parametrize("key", SEEDS)
+@pytest.mark.parametrize(("value", "allowed"), [
+    (2**32, "4294967295"), (2**64, "4294967295"), (10**30, "4294967295"), (-1, "0")])
+def test_a_seed_out_of_the_libraries_range_is_refused(tmp_path, key, value, allowed):
+    assert_names(error_of(tmp_path, "", [f"{key}={value}"]), key, str(value), allowed)
+
+
+def test_the_largest_seed_is_one_numpy_torch_and_optuna_accept():
+    """The bound is the libraries' own: 2**32 - 1 seeds each, 2**32 is what numpy refuses."""
+    import numpy as np
+    import optuna
+
+    from components import recipe
+    from flows.study import make_sampler
+
+    top = load_params(overrides=[f"{k}={2**32 - 1}" for k in SEEDS])
+    recipe.seed(top.train.seed)
+    np.random.default_rng(top.data.seed)
+    for sampler in ("tpe", "random"):
+        assert isinstance(make_sampler({"sampler": sampler, "startup_trials": 1},
+                                       top.search.seed), optuna.samplers.BaseSampler)
+    with pytest.raises(ValueError):
+        np.random.seed(2**32)

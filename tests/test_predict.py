@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from components.predict import main, predict
 from components.prepare import prepare
 from components.prepared import load_split
 from components.train import train
+from tests.formats import raw_name, special_file, unescape_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,6 +86,38 @@ def test_predictions_equal_evaluates_on_the_test_images(trained, inbox):
     assert quarantine == {"broken.png": "not_an_image", "batch0/empty.jpg": "empty",
                           "batch1/tiny.png": "too_small"}
     assert result.quarantined == 3 and result.ignored == 2
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_hostile_folder_is_read_as_prepare_reads_it(trained, tmp_path, kind):
+    """The real command on a folder holding a FIFO or a device node named like an image, and
+    files and folders whose names are not UTF-8: every good image is scored, each name in
+    predictions.csv names its file (escaped bytes: `unescape_name` finds it again), the special
+    file is quarantined unopened with prepare's reason, and drift.json is written."""
+    inbox = tmp_path / "inbox"
+    test = load_split(trained.paths.prepared, "test").x
+    names = [b"plain.png", b"caf\xe9.png", b"back\\slash.png", b"dir\xfe/x.png", b"caf\xc3\xa9.png"]
+    for image, name in zip(test, names, strict=False):
+        raw_name(inbox, name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[..., 0]).save(raw_name(inbox, name), format="PNG")
+    raw_name(inbox, b"bad\xff.png").write_bytes(b"not an image")
+    special_file(inbox / "special.png", kind)
+    settings = trained.model_dump(mode="json")
+    settings["paths"]["predictions"] = str(tmp_path / "predictions")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    done = subprocess.run([sys.executable, "-m", "components.predict", "--folder", str(inbox),
+                           "--model", str(Path(trained.paths.train) / files.MODEL)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "predictions"
+    rows = read_csv(out / files.PREDICTIONS)  # read as UTF-8
+    assert sorted(r["path"] for r in rows) == sorted(
+        ["plain.png", "caf\\xe9.png", "back\\\\slash.png", "dir\\xfe/x.png", "café.png"])
+    assert all(raw_name(inbox, unescape_name(r["path"])).is_file() for r in rows)
+    quarantine = {q["path"]: q["reason"] for q in json.loads((out / files.QUARANTINE).read_text())}
+    assert quarantine == {"bad\\xff.png": "not_an_image", "special.png": "not_a_file"}
+    assert json.loads((out / files.DRIFT).read_text())["figures"]
 
 
 def test_top_k_columns_rank_the_classes(trained, inbox):

@@ -24,11 +24,15 @@ from components import prepare as prepare_module
 from components.params import Params, UserError, validate
 from components.prepare import PrepareResult, prepare
 from components.prepared import SPLITS, class_names, load_split, read_manifest
+from tests.disks import FILL, on_small_disk
 from tests.formats import (
     CIFAR10_NAMES,
     make_messy_folder,
     noise,
     patterned,
+    raw_name,
+    special_file,
+    unescape_name,
     write_cifar10,
     write_cifar100,
     write_fashion_mnist,
@@ -525,6 +529,48 @@ def test_a_class_with_no_usable_image_is_an_error(tmp_path, contents):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("layout", [{"only": 6}, {"train/only": 4, "test/only": 2}])
+def test_an_image_folder_of_one_class_is_refused_naming_it(tmp_path, layout):
+    """A model of one class answers it for every image ("accuracy 1.0", then a champion)."""
+    root = folder(tmp_path / "raw", layout)
+    with pytest.raises(UserError, match="one class") as info:
+        prepare(params_for(tmp_path / "out", source="imagefolder", root=root, image_size=16))
+    assert str(root) in str(info.value) and "only" in str(info.value)
+    assert "two classes" in str(info.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_device_named_like_an_image_is_quarantined_unopened(tmp_path, kind):
+    """Reading one could block forever (a FIFO) or never end (/dev/zero)."""
+    root = folder(tmp_path / "raw", {"a": 5, "b": 5})
+    special_file(root / "a" / "special.png", kind)
+    special_file(root / "loose.png", kind)
+    _, manifest, _ = run(tmp_path / "out", source="imagefolder", root=root, image_size=16)
+    quarantine = json.loads((tmp_path / "out" / files.QUARANTINE).read_text())
+    assert sorted((q["path"], q["reason"]) for q in quarantine) == [
+        ("a/special.png", "not_a_file"), ("loose.png", "not_a_file")]
+    assert manifest["num"]["train"] + manifest["num"]["val"] + manifest["num"]["test"] == 10
+
+
+def test_names_that_are_not_utf8_are_kept_escaped(tmp_path):
+    """A file and a class folder whose names are not UTF-8: prepared, and named in the manifest
+    and quarantine.json as escaped bytes (components.images.file_name), valid UTF-8 JSON."""
+    root = folder(tmp_path / "raw", {"a": 5, "b": 5})
+    folder(raw_name(root, b"caf\xe9"), {"": 5}, seed=1)  # a Latin-1 name
+    raw_name(root / "a", b"bad\xff.png").write_bytes(b"not an image")
+    # A copy: when the split puts it apart from its original, the manifest names it as one.
+    raw_name(root / "a", b"dup\xfe.png").write_bytes((root / "a/000.png").read_bytes())
+    _, manifest, _ = run(tmp_path / "out", source="imagefolder", root=root, image_size=16)
+    assert class_names(manifest) == ["a", "b", "caf\\xe9"]
+    assert manifest["counts"]["train"]["caf\\xe9"] > 0
+    quarantine = json.loads((tmp_path / "out" / files.QUARANTINE).read_text())
+    assert [(q["path"], q["reason"]) for q in quarantine] == [("a/bad\\xff.png", "not_an_image")]
+    for name in (files.MANIFEST, files.QUARANTINE):
+        text = (tmp_path / "out" / name).read_bytes().decode("utf-8")
+        assert "\\ud" not in text  # no lone surrogate escaped into the JSON
+    assert raw_name(root, unescape_name(quarantine[0]["path"])).is_file()
+
+
 def test_missing_root_is_an_error_naming_it(tmp_path):
     root = tmp_path / "no" / "such"
     with pytest.raises(UserError, match=str(root)):
@@ -584,19 +630,24 @@ def test_a_replaced_output_folder_keeps_dvcs_gitignore(tmp_path):
     assert (out / "report.json").read_text() == '{"new": 1}'
 
 
-def test_a_killed_run_leaves_the_previous_output_intact(tmp_path):
-    small = folder(tmp_path / "small", {"a": 5, "b": 5})
-    out = tmp_path / "data" / "prepared"
-    prepare(params_for(out, source="imagefolder", root=small, image_size=16))
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-
-    # A folder slow enough to kill mid-way: 1200 copies of a 384×384 PNG, resized to 16.
+def _slow_folder(tmp_path: Path) -> Path:
+    """A folder slow enough to act on mid-way: 1200 copies of a 384×384 PNG, resized to 16."""
     big = tmp_path / "big"
     gradient = np.linspace(0, 255, 384 * 384 * 3).reshape(384, 384, 3).astype(np.uint8)
     data = write_png(tmp_path / "one.png", gradient).read_bytes()
     for i in range(1200):
         (big / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
         (big / "ab"[i % 2] / f"{i:04d}.png").write_bytes(data)
+    return big
+
+
+def test_a_killed_run_leaves_the_previous_output_intact(tmp_path):
+    small = folder(tmp_path / "small", {"a": 5, "b": 5})
+    out = tmp_path / "data" / "prepared"
+    prepare(params_for(out, source="imagefolder", root=small, image_size=16))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    big = _slow_folder(tmp_path)
     (tmp_path / "params.yaml").write_text(
         f"paths:\n  prepared: {out}\n"
         f"data:\n  source: imagefolder\n  root: {big}\n  image_size: 16\n")
@@ -631,6 +682,63 @@ def test_a_killed_run_leaves_the_previous_output_intact(tmp_path):
 
     result = prepare(params_for(out, source="imagefolder", root=big, image_size=16))
     assert sum(result.counts.values()) == 1200
+    assert sorted(p.name for p in out.parent.iterdir()) == ["prepared"]  # nothing left behind
+
+
+def test_a_disk_that_fills_is_an_error_naming_it_and_the_output_stays_intact(tmp_path):
+    """On a small tmpfs (tests/disks.py): prepared once; then, with the disk nearly full, again
+    at a larger size (the memory-mapped pool no longer fits: a write into its pages would be
+    SIGBUS), which fails with `error: no space left on <disk>` and leaves the first output as it
+    was and nothing else; with the space freed, the same command works."""
+    folder(tmp_path / "raw", {"a": 10, "b": 10}, size=32)
+    (tmp_path / "params.yaml").write_text(
+        "paths:\n  prepared: disk/prepared\n"
+        "data:\n  source: imagefolder\n  root: raw\n  image_size: 16\n")
+    listing = '(cd "$DISK/prepared" && sha256sum *)'
+    done = on_small_disk(f"""
+        $PY -m components.prepare > /dev/null 2>&1
+        {listing} > before.txt
+        {FILL}
+        truncate -s -128k "$DISK/filler"
+        $PY -m components.prepare --set data.image_size=64 2> full.err && echo 0 > full.rc \
+            || echo $? > full.rc
+        {listing} > during.txt
+        ls -A "$DISK" > left.txt
+        rm "$DISK/filler"
+        $PY -m components.prepare --set data.image_size=64 > after.json 2> after.err
+        """, tmp_path / "disk", tmp_path, "1m")
+    assert done.returncode == 0, done.stderr
+    err = (tmp_path / "full.err").read_text()
+    assert (tmp_path / "full.rc").read_text().strip() == "2", err
+    assert err.startswith(f"error: no space left on {tmp_path / 'disk'}") and "Free space" in err
+    assert "Traceback" not in err
+    assert (tmp_path / "during.txt").read_text() == (tmp_path / "before.txt").read_text()
+    assert (tmp_path / "left.txt").read_text().split() == ["filler", "prepared"]
+    assert json.loads((tmp_path / "after.json").read_text())["files"]["prepared"] == 20
+
+
+def test_a_second_prepare_into_the_same_folder_waits_for_the_first(tmp_path):
+    """Two prepares of one paths.prepared at once (search workers share it): the second waits,
+    saying so, and writes after the first, which is not disturbed; both succeed."""
+    big = _slow_folder(tmp_path)
+    out = tmp_path / "data" / "prepared"
+    (tmp_path / "params.yaml").write_text(
+        f"paths:\n  prepared: {out}\n"
+        f"data:\n  source: imagefolder\n  root: {big}\n  image_size: 16\n")
+    cmd = [sys.executable, "-m", "components.prepare"]
+    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.parent.glob(".prepared.tmp-*")) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the first holds the folder once its temporary folder is there
+        second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    finally:
+        said = first.communicate(timeout=600)
+    assert first.returncode == 0, said[1]
+    assert second.returncode == 0, second.stderr
+    assert "waiting: another process is writing" in second.stderr and str(out) in second.stderr
+    assert read_manifest(out)["files"]["prepared"] == 1200
     assert sorted(p.name for p in out.parent.iterdir()) == ["prepared"]  # nothing left behind
 
 

@@ -22,6 +22,8 @@ import ipaddress
 import os
 import pickle
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ import yaml
 from components import checkpoint as ckpt
 from components import files
 from components.cli import run_step
-from components.credentials import credential_name, secrets_in
+from components.credentials import credential_name, redact, secrets_in, shown
 from components.params import ParamsError, UserError, flatten, load_params
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -116,7 +118,8 @@ def test_the_flow_parameters_are_refused_the_same_way(tmp_path):
     from flows.pipeline import training_pipeline
     from flows.settings import resolve
 
-    for model in ({"api_token": SECRET}, {"checkpoint": f"http://u:{SECRET}@host/m.pt"}):
+    for model in ({"api_token": SECRET}, {"checkpoint": f"http://u:{SECRET}@host/m.pt"},
+                  {"checkpoint": f"https://host/m.pt?token={SECRET}"}):
         with pytest.raises(ParameterTypeError) as info:
             training_pipeline.validate_parameters({"model": model})
         message = str(info.value)
@@ -124,6 +127,125 @@ def test_the_flow_parameters_are_refused_the_same_way(tmp_path):
     (tmp_path / "params.yaml").write_text(f"model:\n  checkpoint: http://u:{SECRET}@h/m.pt\n")
     with pytest.raises(ParamsError, match="model.checkpoint"):
         resolve(tmp_path / "params.yaml")
+
+
+# --- secrets in addresses: one definition, refused in settings, masked in every message -------
+
+# A value holding SECRET, and the part of it a message may keep.
+PLANTED = [
+    (f"https://bob:p@{SECRET}@models.example/m.pt", "models.example"),  # an @ in the password
+    (f"https://bob:pa/{SECRET}@models.example/m.pt", "https://"),  # SQLAlchemy's reading
+    (f"https://data.example/raw?password={SECRET}&v=2", "v=2"),
+    (f"https://models.example/m.pt?token={SECRET}", "models.example"),
+    (f"https://models.example/m.pt?X-Amz-Signature={SECRET}", "models.example"),
+    (f"https://models.example/m.pt?api_key={SECRET}#top", "#top"),
+    (f"postgresql+psycopg2://optuna:{SECRET}@db.example/optuna", "db.example/optuna"),
+    (f"postgresql+psycopg2://db.example/optuna?password={SECRET}", "db.example/optuna"),
+    (f"postgresql://optuna:{SECRET}@/optuna?host=/run/postgresql", "host=/run/postgresql"),
+    (f"host=/run/postgresql dbname=optuna password={SECRET}", "dbname=optuna"),
+]
+
+
+@pytest.mark.parametrize(("text", "kept"), PLANTED)
+def test_redact_and_shown_remove_the_secret_and_keep_the_rest(text, kept):
+    for out in (redact(text), shown(text), redact(f"error: cannot open {text!r}: refused")):
+        assert SECRET not in out and kept in out, out
+    assert redact(redact(text)) == redact(text)  # a message redacted twice reads the same
+    assert secrets_in({"data": {"root": text}}), text  # the one definition refuses it too
+
+
+@pytest.mark.parametrize("text", [
+    "https://example.org/data@v2/x", "http://localhost:5000/#/models/digits@champion",
+    "https://host:8080/data@v2?rev=3", "s3://bucket/table/key=3/part-0", "sqlite:////a/study.db",
+    "models:/digits-classifier@champion", "https://h/x?max_tokens=5&tokenizer=bpe",
+])
+def test_addresses_without_a_secret_are_left_alone(text):
+    assert redact(text) == shown(text) == text and secrets_in({"data": {"root": text}}) == []
+
+
+def test_a_user_error_never_carries_a_secret():
+    """Every UserError, wherever it is printed or logged, is redacted when it is made."""
+    for text, _ in PLANTED:
+        assert SECRET not in str(UserError(f"cannot open {text}"))
+
+
+@pytest.mark.parametrize("url", [
+    f"postgresql+psycopg2://optuna:{SECRET}@127.0.0.1:9/optuna",  # nothing listens on port 9
+    f"postgresql+psycopg2://optuna:p@{SECRET}@127.0.0.1:9/optuna",
+    f"postgresql+psycopg2://127.0.0.1:9/optuna?password={SECRET}",
+    f"postgresql://optuna:{SECRET}@/optuna?host=/nonexistent/socket-dir",  # a unix socket
+    f"postgresql+psycopg2://optuna:{SECRET}@/optuna?host=/nonexistent/socket-dir",
+])
+def test_a_search_storage_that_cannot_be_opened_is_named_without_its_password(url, monkeypatch):
+    """CNN_PIPELINE_SEARCH_STORAGE may hold a password (search.storage may not): a real Optuna
+    storage on a database that is not there fails with a UserError that names it, redacted."""
+    from flows import study
+
+    monkeypatch.setenv(study.STORAGE_ENV, url)
+    with pytest.raises(UserError) as info:
+        study.open_storage(study.storage_url(load_params(overrides=[])))
+    assert SECRET not in str(info.value) and shown(url) in str(info.value)
+
+
+def test_an_unreachable_tracking_server_is_named_without_its_password():
+    from components.tracking import check_reachable
+
+    for uri in (f"http://bob:{SECRET}@127.0.0.1:9", f"http://127.0.0.1:9/?token={SECRET}"):
+        with pytest.raises(UserError) as info:
+            check_reachable(uri)
+        assert SECRET not in str(info.value) and "127.0.0.1:9" in str(info.value)
+
+
+def _files_holding(root: Path, secret: str) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    (f"model.checkpoint={PLANTED[0][0]}", "model.checkpoint"),
+    (f"data.root={PLANTED[2][0]}", "data.root"),
+    (f"model.checkpoint={PLANTED[3][0]}", "model.checkpoint"),
+    (f"search.storage={PLANTED[6][0]}", "search.storage"),
+    (f"search.storage={PLANTED[7][0]}", "search.storage"),
+    (f"register.experiment=runs?api_key={SECRET}", "register.experiment"),
+])
+def test_a_planted_secret_reaches_no_message_log_or_mlflow(tmp_path, digits, override, key):
+    """The real train command on prepared digits, tracked into an MLflow store in tmp_path, with a
+    secret in one setting: refused (exit 2, naming the key), and the secret is in neither its
+    stderr nor any file it leaves (logs, the MLflow database and artifacts, outputs)."""
+    from mlflow import MlflowClient
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "paths": {"prepared": str(digits / "prepared"), "augment": str(digits / "augment_none"),
+                  "train": str(tmp_path / "train")},
+        "train": {"epochs": 1, "device": "cpu"}}))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.run([sys.executable, "-m", "components.train", "--set", override],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert SECRET not in proc.stderr + proc.stdout
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and key in proc.stderr
+    assert _files_holding(tmp_path, SECRET) == []
+    if (tmp_path / "mlflow.db").exists():
+        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        for run in client.search_runs([e.experiment_id for e in client.search_experiments()]):
+            assert SECRET not in str(run.data.params) + str(run.data.tags)
+
+
+def test_a_tag_quoting_an_address_is_redacted(tmp_path, monkeypatch):
+    """What a step tags its run with (predict: the model's URI, which is not a setting) passes
+    the one redaction, into a real SQLite-backed MLflow store."""
+    from mlflow import MlflowClient
+
+    from components.tracking import Tracker
+    from tests.projects import make_project
+
+    monkeypatch.chdir(make_project(tmp_path / "project", dvc=False))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with Tracker.start(load_params(overrides=["register.model_name=redacted-tags"])) as tracker:
+        tracker.on_train_start(0)
+        tracker.set_tags({"batch.model": f"https://models.example/m.pt?token={SECRET}"})
+    tags = MlflowClient().get_run(tracker.run_id).data.tags
+    assert tags["batch.model"] == "https://models.example/m.pt?token=***"
+    assert _files_holding(tmp_path, SECRET) == []
 
 
 # --- servers on loopback ------------------------------------------------------------------------

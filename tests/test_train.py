@@ -32,6 +32,7 @@ from components.params import ParamsError, Train, UserError, load_params, valida
 from components.predict import score
 from components.prepared import class_names, load_split, read_manifest
 from components.train import NonFiniteLossError, class_weights, train, weighted_cross_entropy
+from tests.disks import on_small_disk
 from tests.projects import REDUCED, ROOT
 
 TIMING = {"images_per_s", "epoch_s"}  # the only history fields that may differ between runs
@@ -90,6 +91,73 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Entry point and outputs
+
+
+def test_prepared_data_with_one_class_in_train_is_refused(tmp_path):
+    """Prepared from split folders whose train/ holds one class (prepare takes it: the folder has
+    two): train refuses before any work, naming the data and the class."""
+    from PIL import Image
+
+    from components.augment import augment
+    from components.prepare import prepare
+
+    rng = np.random.default_rng(0)
+    for where, n in {"train/a": 8, "test/a": 2, "test/b": 2}.items():
+        (tmp_path / "raw" / where).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (12, 12), np.uint8)).save(
+                tmp_path / "raw" / where / f"{i}.png")
+    params = validate({"paths": {k: str(tmp_path / k) for k in ("prepared", "augment", "train")},
+                       "data": {"source": "imagefolder", "root": str(tmp_path / "raw"),
+                                "image_size": 12, "channels": 1},
+                       "train": {"epochs": 1, "device": "cpu"}})
+    prepare(params)
+    augment(params)
+    with pytest.raises(UserError, match="at least two") as info:
+        train(params)
+    assert str(tmp_path / "prepared") in str(info.value) and "(a)" in str(info.value)
+    assert not (tmp_path / "train").exists()
+
+
+def test_a_disk_that_fills_is_an_error_naming_it_and_the_run_resumes(tmp_path, data):
+    """On a tmpfs (tests/disks.py) sized from a first run so that epoch 1's checkpoints fit and
+    epoch 2's do not: `error: no space left on <disk>` (torch's writer had made it a
+    RuntimeError), the checkpoints whole (their hashes verify; the last of epoch 1) and nothing
+    half-written; with the disk made larger, the same command resumes after epoch 1 and
+    finishes."""
+    _, path = settings(tmp_path, data)
+    path.write_text(path.read_text().replace(str(tmp_path / "train"), "disk/train"))
+    best, last = (f"{files.CHECKPOINTS}/{name}" for name in (files.BEST, files.LAST))
+    checks = ("from components import checkpoint as c; "
+              f"print(c.load('{best}')['epoch'], c.load('{last}')['progress']['epoch'])")
+    done = on_small_disk(f"""
+        $PY -m components.train > /dev/null 2>&1
+        used=$(du -sk "$DISK" | cut -f1)
+        model=$(du -k "$DISK/train/{files.MODEL}" | cut -f1)
+        last=$(du -k "$DISK/train/{last}" | cut -f1)
+        rm -r "$DISK/train"
+        mount -o remount,size=$((used - model + last / 2))k "$DISK"
+        $PY -m components.train --set train.epochs=2 2> full.err && echo 0 > full.rc \
+            || echo $? > full.rc
+        (cd "$DISK/train" && $PY -c "{checks}") > epochs.txt
+        ls -A "$DISK/train" "$DISK/train/{files.CHECKPOINTS}" > left.txt
+        mount -o remount,size=8m "$DISK"
+        $PY -m components.train --set train.epochs=2 > after.json 2> after.err
+        """, tmp_path / "disk", tmp_path, "8m",
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert done.returncode == 0, done.stderr + _read(tmp_path / "after.err")
+    err = (tmp_path / "full.err").read_text()
+    assert (tmp_path / "full.rc").read_text().strip() == "2", err
+    assert f"error: no space left on {tmp_path / 'disk'}" in err and "Traceback" not in err
+    best, last = (tmp_path / "epochs.txt").read_text().split()  # both load: hashes verify
+    assert last == "1" and best in ("1", "2")  # the best checkpoint is saved before the last
+    assert not [n for n in (tmp_path / "left.txt").read_text().split() if n.endswith(".tmp")]
+    after = json.loads((tmp_path / "after.json").read_text())
+    assert (after["epochs"], after["resumed_from"]) == (2, 1)
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
 
 
 def test_entry_point_trains_one_epoch_and_writes_its_files(tmp_path, data):
