@@ -89,3 +89,16 @@ def no_secrets(cls: type, raw: Any) -> Any:
     if found:
         raise ValueError("; ".join(found) + f". {SECRET_ADVICE}")
     return raw
+
+
+# Minimal stand-in for issue 26's redact() (same signature; the lead keeps issue 26's at merge).
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
+_QUERY_SECRET = re.compile(r"(?i)(?P<key>[?&;](?:password|passwd|pwd|token|secret|api_?key)=)"
+                           r"[^&;#\s]*")
+
+
+def redact(text: str) -> str:
+    """`text` with every address's user:password@ part and every password or token in a query
+    string masked, for logs and messages."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}***@", text)
+    return _QUERY_SECRET.sub(lambda m: f"{m['key']}***", text)
