@@ -280,7 +280,9 @@ def parent_run(params: Params, study: optuna.Study, tags: dict[str, str]) -> str
     client.log_batch(run, params=[Param(f"search.{k}", str(v)) for k, v in search.items()] + [
         Param(f"space.{k}", json.dumps(v)) for k, v in params.search.space.items()])
     study.set_user_attr("mlflow_parent_run", run)
-    return run
+    if (kept := study.user_attrs["mlflow_parent_run"]) != run:  # another search's, at once
+        client.delete_run(run)
+    return kept
 
 
 def _mark_runs(trials: list) -> None:

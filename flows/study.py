@@ -34,7 +34,6 @@ SQLITE_TIMEOUT_S = 120  # workers and trials write to one SQLite file: wait, don
 HEARTBEAT_S = 5  # a running trial's worker says it is alive this often
 GRACE_S = 30  # silent this long: its worker is gone (a busy SQLite file can delay a beat)
 CREATE_TRIES = 6  # processes opening one new storage at once: all but one lose a race, try again
-CREATE_BACKOFF_S = 0.25
 STUDY_SETTINGS = ("data", "augment", "model", "train")  # with search's: what a trial computes
 SEARCH_KEYS = ("metric", "direction", "sampler", "pruner", "startup_trials", "min_epochs",
                "seed", "space")
@@ -63,7 +62,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                                               heartbeat_stale_trial_callback=retry)
         except Exception as err:  # a driver missing, a server down, a bad URL: say which storage
             if attempt < CREATE_TRIES and _lost_creation_race(err):
-                time.sleep(CREATE_BACKOFF_S * attempt)
+                time.sleep(0.25 * attempt)
                 continue
             raise UserError(redact(f"Optuna storage {url} cannot be opened: {err}. Fix "
                                    f"search.storage or {STORAGE_ENV}")) from None

@@ -90,9 +90,9 @@ def search_worker(worker: int = 0, params_file: str = DEFAULT_PARAMS,
 def _register(params_file: str, params: Params, overrides: list[str]) -> dict[str, Any]:
     """The register gate for the best trial: here when its files are on this host, else as a
     run of training-pipeline/<this deployment's name> with its settings."""
-    parameters = {"params_file": params_file, "overrides": overrides}
-    return register_best(params, f"training-pipeline/{deployment.name or 'digits'}",
-                         parameters, f"{flow_run.name}/register-best", ["search"])
+    return register_best(params, f"training-pipeline/{deployment.name or 'digits'}", {
+        "params_file": params_file, "overrides": overrides}, f"{flow_run.name}/register-best",
+        ["search"])
 
 
 def _register_here(params: Params, overrides: list[str]) -> dict[str, Any]:  # no Prefect
