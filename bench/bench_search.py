@@ -1,19 +1,17 @@
 """What pruning buys a search: a 12-point grid against an Optuna search of 12 trials on digits.
 
 One space, 3 learning rates × 2 models × 2 weight decays:
-- grid: every point of it (Optuna's GridSampler over the 12 values, no pruning), as a grid sweep
-  trains them;
-- optuna: 12 trials of TPE, the median pruner (search.startup_trials, search.min_epochs as
-  given), over the same space: `--space ranges` (default) samples learning rate and weight decay
+- grid: every point of it once (search.sampler grid, no pruning);
+- optuna: 12 trials of TPE with the median pruner (search.startup_trials, search.min_epochs as
+  given) over the same space: `--space ranges` (default) samples learning rate and weight decay
   log-uniform between the grid's ends, `--space values` picks among the grid's own values (the
   grid's best point is then one TPE can find exactly).
-Both run through the same driver (flows/search.py) with `parallel` trials at a time, each in a
-process of its own (flows/launchers.py's ProcessLauncher, what `python -m flows.sweep` uses), the
-same epochs, in a fresh folder with the embedded MLflow store. Printed side by side: the best
-validation accuracy of each, their total training time (the trials' epoch seconds, from each
-trial's history.json, summed) and wall time, the ratio optuna/grid, and the share of the
-12 × epochs trial-epochs that pruning saved. Targets: optuna's best >= the grid's, training time
-<= 0.75× the grid's.
+Both run as `python -m flows.sweep` does for a user: `parallel` worker processes optimizing one
+study, each trial in a process of its own, the same epochs, in a fresh folder with the embedded
+MLflow store. Printed side by side: the best validation accuracy of each, their total training
+time (the trials' epoch seconds, from each trial's history.json, summed) and wall time, the
+ratio optuna/grid, and the share of the 12 × epochs trial-epochs that pruning saved. Targets:
+optuna's best >= the grid's, training time <= 0.75× the grid's.
 
     .venv/bin/python bench/bench_search.py [--epochs 15] [--parallel 2] [--startup-trials 4]
         [--min-epochs 3] [--space ranges|values] [--set train.batch_size=64 ...]
@@ -24,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,33 +49,19 @@ def optuna_space() -> dict:
             "train.weight_decay": {"log_uniform": [min(WEIGHT_DECAYS), max(WEIGHT_DECAYS)]}}
 
 
-def Grid(*args, **kwargs):  # noqa: N802 (a class, made where optuna is imported)
-    """Optuna's GridSampler without its Study.stop() at the last point, which only optimize()
-    allows: the driver stops after search.trials trials itself."""
-    import optuna
-
-    class _Grid(optuna.samplers.GridSampler):
-        def after_trial(self, study, trial, state, values) -> None:
-            pass
-
-    return _Grid(*args, **kwargs)
-
-
-def search(name: str, space: dict, overrides: list[str], sampler=None) -> dict:
-    """One search through the driver; its best, training seconds, trial-epochs and wall time."""
-    from components.params import load_params
-    from flows import search as driver
-    from flows.launchers import ProcessLauncher
-
+def search(name: str, space: dict, overrides: list[str]) -> dict:
+    """One search, `python -m flows.sweep` here; its best, training seconds, trial-epochs, wall."""
     given = [*overrides, f"search.study={name}", f"register.model_name={name}",
              f"search.space={json.dumps(space)}"]
-    params = load_params("params.yaml", given)
     t0 = time.perf_counter()
-    result = driver.run(params, ProcessLauncher("params.yaml", given, params.search.parallel),
-                        sampler=sampler, register_best=False)
+    done = subprocess.run([sys.executable, "-m", "flows.sweep", *(f"--set={o}" for o in given)],
+                          capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout)
     seconds = epochs = 0
-    for history in Path(params.paths.search, name).glob("trial-*/train/history.json"):
+    for history in Path("outputs/search", name).glob("trial-*/train/history.json"):
         rows = json.loads(history.read_text())
         seconds += sum(row["epoch_s"] for row in rows)
         epochs += len(rows)
@@ -97,13 +82,12 @@ def main() -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the embedded store in the bench's folder
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
                                                              os.environ.get("PYTHONPATH")]))
-    common = ["search.method=optuna", f"search.trials={TRIALS}",
-              f"search.parallel={args.parallel}", f"train.epochs={args.epochs}",
-              "evaluate.mistakes=4", *args.overrides]
+    common = [f"search.trials={TRIALS}", f"search.parallel={args.parallel}",
+              f"train.epochs={args.epochs}", "evaluate.mistakes=4", *args.overrides]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with tempfile.TemporaryDirectory() as tmp, in_folder(Path(tmp) / "project"):
-        grid = search(f"grid-{stamp}", grid_space(), [*common, "search.pruner=none"],
-                      sampler=Grid({k: v["choice"] for k, v in grid_space().items()}, seed=0))
+        grid = search(f"grid-{stamp}", grid_space(),
+                      [*common, "search.sampler=grid", "search.pruner=none"])
         space = optuna_space() if args.space == "ranges" else grid_space()
         tuned = search(f"optuna-{stamp}", space, [
             *common, "search.sampler=tpe", "search.pruner=median",

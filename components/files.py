@@ -89,13 +89,12 @@ DRIFT = "drift.json"  # how the scored folder compares with the model's data (dr
 # search (flows/search.py): the study's SQLite file and the trials in paths.search; the pictures
 # and tables on the search's MLflow parent run
 STUDY_DB = "optuna.db"
-TRIAL_LOG = "trial.log"  # a local trial process's output, in its trial folder
+TRIAL_LOG = "trial.log"  # a trial's training process's messages, in its trial folder
 PREPARED_KEY = "prepared-key.json"  # what a local search's prepared data was made from
 HISTORY_PNG = "optimization_history.png"
 IMPORTANCES_PNG = "param_importances.png"
 PARALLEL_PNG = "parallel_coordinate.png"
 TRIALS_CSV = "trials.csv"
-TRIALS_MD = "trials.md"
 
 
 def names() -> dict[str, str]:

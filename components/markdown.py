@@ -1,4 +1,4 @@
-"""Markdown tables, as the model card, the sweep's comparison and the search's report write them."""
+"""Markdown tables, as the model card writes them."""
 
 from __future__ import annotations
 

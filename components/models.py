@@ -334,8 +334,8 @@ def create_model(name: str, *, num_classes: int, in_chans: int, img_size: int | 
     import timm
     from timm.models import get_pretrained_cfg
 
-    if ":" not in name and not timm.is_model(name):  # hf-hub:/local-dir: names go to timm as is
-        raise UserError(_unknown_model(name))
+    if problem := known_model(name):  # hf-hub:/local-dir: names go to timm as they are
+        raise UserError(problem)
     cfg = get_pretrained_cfg(name)
     if cfg is not None and cfg.fixed_input_size:
         kwargs.setdefault("img_size", img_size)
@@ -393,6 +393,14 @@ def _pretrained_source(name: str, cfg) -> dict:
         return {}
     cached = Path(torch.hub.get_dir(), "checkpoints", Path(urlparse(cfg.url).path).name)
     return {"file": str(cached)} if cached.is_file() else {}
+
+
+def known_model(name: str) -> str | None:
+    """None when create_model knows `name` (a built-in, a timm model, an hf-hub:/local-dir:
+    name); else what is wrong, with the names it may have meant."""
+    import timm
+
+    return None if name in BUILTINS or ":" in name or timm.is_model(name) else _unknown_model(name)
 
 
 def _unknown_model(name: str) -> str:

@@ -273,17 +273,16 @@ EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class Search(Section):
-    """Hyperparameter search (flows/sweep.py, flows/search.py): `grid` is the sweep flow's
-    learning rate x model grid; `optuna` samples `space`, prunes by `metric` and resumes."""
+    """Hyperparameter search (flows/search.py): `parallel` workers optimize one Optuna study of
+    `space` until `trials` trials finished (a grid: until each of its points did once)."""
 
-    method: Literal["grid", "optuna"] = "grid"
     study: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=200)
     storage: str | None = Field(None, min_length=1)  # a database URL; no password (environment)
     trials: int = Field(16, ge=1, le=100_000)
     parallel: int = Field(2, ge=1, le=1024)
     metric: Literal["val_acc", "val_loss"] = "val_acc"
     direction: Literal["maximize", "minimize"] = "maximize"
-    sampler: Literal["tpe", "random"] = "tpe"
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     startup_trials: int = Field(5, ge=0, le=100_000)
     min_epochs: int = Field(1, ge=1, le=10_000)
@@ -311,6 +310,10 @@ class Search(Section):
                              f"{self.metric}: an accuracy is maximized, a loss minimized; set "
                              f"search.direction={wanted}")
         problems = [p for key, spec in self.space.items() for p in space_problems(key, spec)]
+        if self.sampler == "grid":
+            problems += [f"search.space[{key!r}] = {json.dumps(spec)}: search.sampler grid takes "
+                         "choices only; give {choice: [...]} or use sampler tpe or random"
+                         for key, spec in self.space.items() if "choice" not in spec]
         if problems:
             raise ValueError("; ".join(problems))
         return self

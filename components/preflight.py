@@ -75,7 +75,7 @@ ENTRY_POINTS: dict[str, Callable[[Params], None]] = {
     "components.export": _prepared_data,
     "components.predict": lambda params: None,
     "flows.pipeline": _raw_data,  # its first task is prepare
-    "flows.sweep": _raw_data,  # each trial starts with prepare
+    "flows.sweep": _raw_data,  # the search prepares the data first
 }
 
 

@@ -8,8 +8,7 @@ Parameters: `params_file`; per params.yaml section, typed overrides (a form in t
 empty fields keep the file's values); `overrides`, `section.key=value` strings as on the command
 line (null, lists and mappings too); all validated together like the file (flows/settings.py).
 `skip_register` leaves out the register gate (a sweep's children use it: only the sweep's best is
-registered). `trial` makes the run a trial of a search (flows/trial.py): train reports each epoch
-to the study and stops when pruned (then evaluate is skipped); a trial never registers.
+registered).
 
 - prepare is cached on what decides its output (flows/prepare_cache.py); a cached result counts
   only while the prepared folder still holds the same data.
@@ -46,9 +45,7 @@ from components.params import DEFAULT_PARAMS, Params, UserError
 from components.prepared import class_names, read_manifest
 from components.tracking import tracked
 from flows import prepare_cache, run_tags
-from flows import trial as search_trial
 from flows.settings import resolve, with_sections
-from flows.trial import TrialRef
 
 ARTIFACT_KEY = "training-summary"
 
@@ -110,11 +107,8 @@ MLFLOW_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff
 
 @task(name="train", cache_policy=NO_CACHE, tags=["train"], retries=1, retry_delay_seconds=5,
       retry_condition_fn=retry_unless_user_error)
-def train_model(params: Params, trial: TrialRef | None = None) -> dict[str, Any]:
-    if trial is None:
-        return asdict(tracked(train_step.train, "start")(params))
-    reporter = search_trial.Reporter(params, trial)
-    return {**asdict(search_trial.train_trial(params, reporter)), "pruned": reporter.pruned}
+def train_model(params: Params) -> dict[str, Any]:
+    return asdict(tracked(train_step.train, "start")(params))
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
@@ -171,7 +165,6 @@ def training_pipeline(
     overrides: list[str] = [],  # noqa: B006 (Prefect copies parameters)
     skip_register: bool = False,
     mlflow_parent_run: str | None = None,
-    trial: TrialRef | None = None,
     **sections: Any,
 ) -> dict[str, Any]:
     """Prepare, augment, train, evaluate and register a CNN image classifier.
@@ -181,27 +174,17 @@ def training_pipeline(
         overrides: `section.key=value` as on the command line (`model.checkpoint=null`).
         skip_register: train and evaluate only (a sweep's children).
         mlflow_parent_run: nest this run's MLflow run under that one (a sweep's).
-        trial: {study, number, storage}: this run is that trial of a search (flows/trial.py).
         sections: one per params.yaml section (paths, data, augment, model, train, evaluate,
             register, ...): its overrides; empty fields keep the file's values.
     """
     params = resolve(params_file, overrides, **sections)
-    if trial is not None:
-        trial = search_trial.parse_ref(trial)
-        search_trial.Reporter(params, trial)  # a trial that is not running stops here
     prepared, how = prepared_data(params)
     augment_policy(params)
-    trained = train_model(params, trial)
+    trained = train_model(params)
     run_tags.tag_run(params, run_tags.flow_run_tags(mlflow_parent_run))
-    if trained.get("pruned"):
-        evaluated, decision, exported = {}, None, None
-    else:
-        evaluated = evaluate_model(params)
-        if trial is not None:
-            search_trial.mark_done(trial)
-        registering = not (skip_register or trial)
-        decision = register_model(params) if registering else None
-        exported = export_model(params) if registering else None
+    evaluated = evaluate_model(params)
+    decision = None if skip_register else register_model(params)
+    exported = None if skip_register else export_model(params)
     summary = _summary(params, how, prepared, trained, evaluated, decision) | {"onnx": exported}
     _publish(summary)
     return summary
@@ -218,7 +201,6 @@ def _summary(params, how, prepared, trained, evaluated, decision) -> dict[str, A
         "metrics": metrics,
         "registered": decision,
         "mlflow": run_tags.run_info(params),
-        "pruned": trained.get("pruned"),
     }
 
 
@@ -235,9 +217,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines += ["", f"prepare: {summary['prepare']}; resumed from epoch {summary['resumed_from']}",
               ""]
     decision = summary["registered"]
-    if summary.get("pruned"):
-        lines.append(f"**Search:** {summary['pruned']}; not evaluated, not registered.")
-    elif decision is None:
+    if decision is None:
         lines.append("**Registry:** skipped (`skip_register`).")
     else:
         lines.append("**Registry:** " + run_tags.describe_decision(decision))

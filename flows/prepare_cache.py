@@ -149,3 +149,18 @@ def push(stage: str = "prepare") -> None:
     done = _dvc("push", "--run-cache", stage)
     if done.returncode != 0:
         raise RuntimeError(f"dvc push --run-cache {stage} failed:\n{done.stdout}{done.stderr}")
+
+
+def prepare_unless_made(params: Params, record: Path) -> None:
+    """Prepare, unless the prepared folder holds what these settings make (the key and the
+    manifest's hashes recorded in `record` by the last call): the local search's cache, where
+    Prefect's task cache is not."""
+    from components.atomic import write_json
+    from components.prepare import prepare
+
+    recorded = json.loads(record.read_text()) if record.is_file() else {}
+    key = cache_key(params)
+    if recorded.get("key") != key or not still_valid(recorded, params):
+        prepare(params)
+        write_json(record, {"key": key, "hashes": prepared.read_manifest(
+            params.paths.prepared)["hashes"]})

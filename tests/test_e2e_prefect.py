@@ -96,46 +96,6 @@ def _kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
-def test_sweep_fans_out_over_two_workers_and_promotes_at_most_once(stack):
-    # One GPU's worth of training, on the server that every stack test shares: removed after,
-    # or later tests' trainings would wait for each other.
-    stack.prefect("concurrency-limit", "create", "train", "1")
-    params = {"train": {"epochs": 1}, "register": {"model_name": "sweep-classifier"}}
-    try:
-        with stack.worker("s1", limit=2), stack.worker("s2", limit=2):
-            sweep = stack.run_deployment("sweep/digits", params)
-    finally:
-        stack.prefect("concurrency-limit", "delete", "train")
-    table = _artifact(stack, sweep, "sweep-comparison")
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "-lr" in line]
-    assert len(rows) == 4 and sum("**best**" in r for r in rows) == 1
-    assert all("| Completed |" in r for r in rows), table
-
-    children = re.findall(r"\| ([0-9a-f-]{36}) \|", table)
-    assert len(children) == 4
-    logs = [(stack.workers / f"{w}.log").read_text() for w in ("s1", "s2")]
-    assert all(any(c in log for c in children) for log in logs), "one worker ran every child"
-    trains = sorted((t["start_time"], t["end_time"]) for t in _task_runs(stack, children)
-                    if t["name"].startswith("train"))
-    assert len(trains) == 4
-    assert all(a[1] <= b[0] for a, b in zip(trains, trains[1:], strict=False)), trains
-
-    client = MlflowClient(stack.mlflow)
-    versions = client.search_model_versions("name = 'sweep-classifier'")
-    assert len(versions) == 1
-    assert client.get_model_version_by_alias("sweep-classifier", "champion").version == \
-        versions[0].version
-    experiment = client.get_experiment_by_name("sweep-classifier")
-    parent = client.search_runs([experiment.experiment_id],
-                                filter_string="attributes.run_name LIKE 'sweep-%'")
-    assert len(parent) == 1
-    nested = client.search_runs([experiment.experiment_id], filter_string=(
-        f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'"))
-    assert len(nested) == 4
-    assert {a.path for a in client.list_artifacts(parent[0].info.run_id, "sweep")} == {
-        "sweep/comparison.md", "sweep/comparison.csv"}
-
-
 def test_flow_and_dvc_repro_give_the_same_metrics(stack, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(stack.repo, repo, ignore=shutil.ignore_patterns(".git"))

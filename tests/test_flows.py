@@ -239,22 +239,3 @@ def test_prepared_data_travels_through_the_dvc_remote(project, tmp_path_factory,
         assert prepare_only() == "pulled"
     made = json.loads((project / "data/prepared" / files.MANIFEST).read_text())["hashes"]
     assert json.loads((host_b / "data/prepared" / files.MANIFEST).read_text())["hashes"] == made
-
-
-def test_sweep_children_keep_the_deployment_settings_in_their_own_folders():
-    from flows.sweep import _child_parameters, comparison_markdown
-
-    base = {"paths": {"prepared": "data/mnist/prepared", "train": "outputs/mnist/train"},
-            "data": {"source": "mnist"}, "train": {"epochs": 3}}
-    child = _child_parameters(base, "lenet5", 0.01, "outputs/sweep/x", "parent-run")
-    assert child["paths"]["prepared"] == "data/mnist/prepared"  # shared: prepared once
-    assert child["paths"]["train"] == "outputs/sweep/x/lenet5-lr0.01/train"
-    assert child["train"] == {"epochs": 3, "lr": 0.01} and child["data"] == base["data"]
-    assert child["skip_register"] is True and child["mlflow_parent_run"] == "parent-run"
-    assert base["train"] == {"epochs": 3}  # the deployment's own settings are left alone
-
-    rows = [{"point": p, "state": "Completed", "model": "m", "lr": 0.1, "accuracy": a,
-             "macro_f1": a, "loss": 1.0, "epochs": "3", "flow_run": "f", "mlflow_run": "r",
-             "metrics": {"accuracy": a}} for p, a in (("a", 0.5), ("b", 0.9))]
-    table = comparison_markdown(rows, rows[1], "accuracy", None)
-    assert table.index("| b **best** |") < table.index("| a |")

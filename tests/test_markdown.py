@@ -1,4 +1,4 @@
-"""The markdown tables the model card, the sweep and the search report share."""
+"""The markdown tables of the model card."""
 
 import pytest
 

@@ -1,8 +1,10 @@
-"""The search's parts on their own, with real Optuna storage (SQLite files) and real training on
-digits: the space is refused before any trial naming the key, a study is found again only with
-its own settings, a live search's lease refuses a second one, a trial reports each epoch through
-the storage and stops cleanly when pruned, and train ends cleanly when a callback asks it to.
-The whole search runs end to end in tests/test_e2e_search.py.
+"""The search's parts, with real Optuna storage (SQLite files), real processes and real training
+on digits: the space is refused before any trial naming the key, a study is found again only
+with its own settings, the budget and the grid are kept exactly by the objective, a trial
+reports each epoch through the storage and stops cleanly when pruned; and `python -m
+flows.sweep` end to end: three workers finish exactly the budget, a worker SIGKILLed mid-trial
+has its trial retried by another, a grid runs each point once with three workers and again
+after the whole search was killed and started again. On a Prefect pool: tests/test_e2e_search.py.
 """
 
 from __future__ import annotations
@@ -21,18 +23,20 @@ import optuna
 import psutil
 import pytest
 import sqlalchemy
+from mlflow import MlflowClient
 
 from components import files
-from components.params import ParamsError, UserError, load_params
+from components.params import ParamsError, UserError, load_params, sections
 from components.train import StopTraining, train
 from flows import study as study_mod
-from flows.launchers import ProcessLauncher
-from flows.search import best_value, preflight, suggest
-from flows.trial import Reporter, parse_ref
+from flows.search import decide, preflight, run_child, skip_reason, suggest
+from flows.sweep import search_worker, sweep
+from flows.trial import Reporter
 from tests.racing import at_once
 
 ROOT = Path(__file__).resolve().parents[1]
 RACERS = 5
+S = optuna.trial.TrialState
 
 
 def project(tmp_path: Path, text: str = "") -> Path:
@@ -75,6 +79,25 @@ def test_a_bad_space_is_refused_naming_the_key(tmp_path, space, named):
         assert part in str(info.value), f"{part!r} not in:\n{info.value}"
 
 
+GRID_SPACES = [  # (space, the key a grid refuses, or None)
+    ("{train.lr: {choice: [0.001, 0.01]}, model.name: {choice: [simple_cnn]}}", None),
+    ("{train.lr: {log_uniform: [0.001, 0.01]}, model.name: {choice: [simple_cnn]}}",
+     "search.space['train.lr']"),
+    ("{train.epochs: {int: [1, 3]}}", "search.space['train.epochs']"),
+]
+
+
+@pytest.mark.parametrize(("space", "refused"), GRID_SPACES, ids=["choices", "range", "int"])
+def test_a_grid_takes_choices_only_naming_the_key_of_a_range(tmp_path, space, refused):
+    given = ["search.sampler=grid", f"search.space={space}"]
+    if refused is None:
+        assert load_params(project(tmp_path), given).search.sampler == "grid"
+        return
+    with pytest.raises(ParamsError) as info:
+        load_params(project(tmp_path), given)
+    assert refused in str(info.value) and "grid takes choices only" in str(info.value)
+
+
 def test_a_good_space_loads_as_given(tmp_path):
     space = ("{train.lr: {log_uniform: [3e-4, 1e-2]}, model.name: {choice: [simple_cnn, "
              "cifar_cnn]}, train.epochs: {log_int: [1, 8]}, augment.preset: {choice: [none]}}")
@@ -109,30 +132,41 @@ PREFLIGHT = [  # (settings, overrides, what the message must name)
 def test_values_the_other_settings_refuse_stop_the_search_before_any_trial(
         tmp_path, text, overrides, named):
     path = project(tmp_path, text)
-    params = load_params(path, overrides)
     with pytest.raises(UserError) as info:
-        preflight(params, ProcessLauncher(path, overrides, parallel=1))
+        preflight(str(path), overrides)
     for part in named:
         assert part in str(info.value), f"{part!r} not in:\n{info.value}"
+    assert not (tmp_path / "search").exists()  # no study was made
 
 
-# --- the study ---------------------------------------------------------------------------------
+# --- the study -------------------------------------------------------------------------------
 
 
 def test_a_study_is_found_again_only_with_its_own_settings(tmp_path):
     space = "search.space={train.lr: {log_uniform: [0.001, 0.01]}}"
     params = load_params(project(tmp_path), [space])
     first = study_mod.open_study(params)
-    first.study.tell(first.study.ask(), 0.5)
+    first.tell(first.ask(), 0.5)
     again = study_mod.open_study(params)
-    assert again.name == first.name and len(again.study.trials) == 1
-    assert again.url == f"sqlite:///{tmp_path / 'search' / files.STUDY_DB}"  # absolute
+    assert again.study_name == first.study_name and len(again.trials) == 1
+    assert again.metric_names == ["val_acc"]  # what optuna-dashboard shows
+    assert study_mod.storage_url(params) == f"sqlite:///{tmp_path / 'search' / files.STUDY_DB}"
 
     other = load_params(project(tmp_path), [space, "train.epochs=3"])
-    assert study_mod.study_name(other) != first.name  # other settings: another study
-    named = load_params(project(tmp_path), [space, "train.epochs=3", f"search.study={first.name}"])
+    assert study_mod.study_name(other) != first.study_name  # other settings: another study
+    assert study_mod.study_name(load_params(project(tmp_path), [
+        space, "search.trials=40", "search.parallel=8"])) == first.study_name  # more of it
+    named = load_params(project(tmp_path), [space, "train.epochs=3",
+                                            f"search.study={first.study_name}"])
     with pytest.raises(UserError, match=r"other settings \(changed: train.epochs\)"):
         study_mod.open_study(named)
+
+
+def test_a_storage_that_cannot_be_opened_is_named_without_its_password(tmp_path, monkeypatch):
+    monkeypatch.setenv(study_mod.STORAGE_ENV, "postgresql+psycopg2://me:s3cret@127.0.0.1:1/optuna")
+    with pytest.raises(UserError) as info:
+        study_mod.open_study(load_params(project(tmp_path)))
+    assert "127.0.0.1:1/optuna" in str(info.value) and "s3cret" not in str(info.value)
 
 
 def test_a_new_storage_opened_by_several_processes_at_once_opens_in_each(tmp_path):
@@ -166,98 +200,135 @@ def test_lost_creation_races_are_told_from_other_storage_errors(error, again):
     assert study_mod._lost_creation_race(error) is again
 
 
-def test_a_second_search_on_a_live_study_is_refused_naming_the_first(tmp_path):
-    params = load_params(project(tmp_path), ["search.space={train.lr: {uniform: [0.001, 0.01]}}"])
-    handle = study_mod.open_study(params)
-    refused = pytest.raises(UserError, match=rf"study {handle.name} .* another live search: "
-                                             rf"a process \(pid {os.getpid()}")
-    with study_mod.Lease(handle, study_mod.me()), refused, study_mod.Lease(handle, study_mod.me()):
-        pass
-    with study_mod.Lease(handle, study_mod.me()):  # the first ended: free again
-        pass
+SEARCH = {"sampler": "tpe", "trials": 6, "seed": 3, "startup_trials": 2,
+          "space": {"train.lr": {"choice": [0.1, 0.2, 0.3]}, "model.name": {"choice": ["a", "b"]}}}
 
 
-def test_a_claim_slower_than_the_settle_time_is_made_again_then_refused(tmp_path, monkeypatch):
-    """A claim whose write lands after the settle time could overwrite a rival's confirmed one:
-    it is made again after a heartbeat; while every write stays slow it is refused, saying why
-    (the real storage, its writes made slow)."""
-    params = load_params(project(tmp_path), ["search.space={train.lr: {uniform: [0.001, 0.01]}}"])
-    handle = study_mod.open_study(params)
-    for name, value in {"SETTLE_S": 0.2, "BEAT_S": 0.1, "CLAIM_WAIT_S": 5.0}.items():
-        monkeypatch.setattr(study_mod, name, value)
-    write, slow = handle.study.set_user_attr, [2]  # the first two writes are slow
+def test_grid_workers_share_one_order_and_other_samplers_differ_per_worker_and_start():
+    grid = {**SEARCH, "sampler": "grid"}
+    orders = {tuple(study_mod.make_sampler(grid, worker, trials)._all_grids)
+              for worker, trials in [(0, 0), (1, 0), (2, 5)]}
+    assert len(orders) == 1  # trial n is the same point for every worker and every restart
+    assert study_mod.budget(grid) == 6 and study_mod.budget({**SEARCH, "trials": 4}) == 4
 
-    def slow_write(key, value):
-        if slow[0] > 0:
-            slow[0] -= 1
-            time.sleep(0.3)
-        write(key, value)
+    def draws(sampler) -> list:
+        study = optuna.create_study(sampler=sampler)
+        return [study.ask().suggest_float("x", 0, 1) for _ in range(3)]
 
-    monkeypatch.setattr(handle.study, "set_user_attr", slow_write)
-    owner = study_mod.me()
-    with study_mod.Lease(handle, owner):  # third time fast: taken
-        assert slow == [0] and handle.study.user_attrs["driver"]["id"] == owner["id"]
-    slow[0] = 100
-    monkeypatch.setattr(study_mod, "CLAIM_WAIT_S", 0.5)
-    with pytest.raises(UserError, match=rf"study {handle.name}: each claim took over 0.2 s"):
-        study_mod.Lease(handle, study_mod.me()).__enter__()
+    for kind in ("tpe", "random"):
+        seen = [draws(study_mod.make_sampler({**SEARCH, "sampler": kind}, worker, trials))
+                for worker, trials in [(0, 0), (1, 0), (0, 4)]]
+        assert len({tuple(d) for d in seen}) == 3, kind  # two workers, a restart: new points
+        assert draws(study_mod.make_sampler({**SEARCH, "sampler": kind}, 1, 0)) == seen[1]
 
 
-def test_a_killed_drivers_lease_is_taken_over_at_once(tmp_path):
-    params = load_params(project(tmp_path), ["search.space={train.lr: {uniform: [0.001, 0.01]}}"])
-    handle = study_mod.open_study(params)
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    dead = {**study_mod.me(), "pid": int(gone.stdout)}
-    handle.study.set_user_attr("driver", {**dead, "beat": time.time()})
-    with study_mod.Lease(handle, study_mod.me()):  # fresh heartbeat, but its process is gone
-        pass
+# --- the budget, kept by the objective and the workers (pure decisions) -----------------------
 
 
-# --- a trial -----------------------------------------------------------------------------------
+def frozen(number: int, state: S, params: dict | None = None, skipped: bool = False):
+    params = params or {}
+    return optuna.trial.FrozenTrial(
+        number=number, state=state, value=0.5 if state == S.COMPLETE else None,
+        datetime_start=None, datetime_complete=None, params=params, distributions={
+            k: optuna.distributions.CategoricalDistribution([v]) for k, v in params.items()},
+        user_attrs={"skipped": "over"} if skipped else {}, system_attrs={},
+        intermediate_values={}, trial_id=number)
+
+
+C, P, R, F = S.COMPLETE, S.PRUNED, S.RUNNING, S.FAIL
+A, B = {"train.lr": 0.1}, {"train.lr": 0.2}
+SKIPS = [  # (trials before, this trial's number and point, budget, grid?, skipped?)
+    ([], 0, A, 2, False, None),
+    ([(0, C, A)], 1, A, 2, False, None),  # TPE and random may draw a point again
+    ([(0, C, A)], 1, A, 2, True, "the grid point of trial 0"),
+    ([(0, R, A)], 1, B, 2, True, None),
+    ([(0, R, A), (1, R, B)], 2, A, 2, False, "over the budget: 0 finished and 2 running of 2"),
+    ([(0, C, A), (2, R, B)], 1, B, 2, True, None),  # a running trial of higher number waits
+    ([(0, C, A), (1, P, B), (2, F, A)], 3, A, 3, True, "the grid point of trial 0"),
+    ([(0, C, A), (1, F, B)], 2, B, 2, True, None),  # a failed point runs again
+    ([(0, C, A), (1, C, B), (2, R, A)], 3, A, 3, False,
+     "over the budget: 2 finished and 1 running of 3"),
+]
+
+
+@pytest.mark.parametrize(("before", "number", "point", "budget", "grid", "reason"), SKIPS)
+def test_a_trial_beyond_the_budget_or_on_a_taken_grid_point_is_not_trained(
+        before, number, point, budget, grid, reason):
+    trials = [frozen(n, state, p) for n, state, p in before]
+    assert skip_reason(trials, number, point, budget, grid) == reason
+
+
+DECISIONS = [  # (trials: state or (state, skipped), budget, failures allowed, decision)
+    ([], 3, 3, "go"),
+    ([C, P, R], 3, 3, "wait"),  # the last place is taken: wait, to take it over if it dies
+    ([C, P, C], 3, 3, "stop"),
+    ([C, R, F, F], 3, 3, "go"),  # failed trials do not count
+    ([C, F, F, F], 3, 3, "stop"),  # ...up to search.trials of them
+    ([C, (F, True), (F, True), (F, True)], 3, 3, "go"),  # skipped ones are not failures
+    ([C, C, C, R], 3, 3, "stop"),
+]
+
+
+@pytest.mark.parametrize(("states", "budget", "failures", "decision"), DECISIONS)
+def test_a_worker_between_trials_goes_waits_or_stops(states, budget, failures, decision):
+    trials = []
+    for number, given in enumerate(states):
+        state, skipped = given if isinstance(given, tuple) else (given, False)
+        trials.append(frozen(number, state, skipped=skipped))
+    assert decide(trials, budget, failures) == decision
+
+
+def test_suggest_gives_each_kind_of_space_entry():
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    assert 1 <= suggest(trial, "train.epochs", {"log_int": [1, 8]}) <= 8
+    assert 1e-4 <= suggest(trial, "train.lr", {"log_uniform": [1e-4, 1e-2]}) <= 1e-2
+    assert suggest(trial, "model.name", {"choice": ["a", "b"]}) in ("a", "b")
+
+
+CHILD_ENDS = [  # (the child's code, what the trial's failure says)
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "killed by SIGKILL"),
+    ("import sys; print('error: train.lr = 5: too large', file=sys.stderr); sys.exit(2)",
+     "exit code 2: error: train.lr = 5: too large"),
+]
+
+
+@pytest.mark.parametrize(("code", "said"), CHILD_ENDS, ids=["killed", "refused"])
+def test_a_training_process_that_ends_badly_fails_its_trial_saying_how(tmp_path, code, said):
+    with pytest.raises(RuntimeError, match=said):
+        run_child("trial-0", [sys.executable, "-c", code], tmp_path / "t" / files.TRIAL_LOG)
+    assert run_child("trial-1", [sys.executable, "-c", "print('{\"value\": 1}')"],
+                     tmp_path / files.TRIAL_LOG) == {"value": 1}
+
+
+def test_the_flows_forms_hold_only_what_a_user_sets():
+    assert set(sweep.parameters.model_dump()["properties"]) == {
+        "params_file", "overrides", *sections()}
+    assert set(search_worker.parameters.model_dump()["properties"]) == {
+        "worker", "params_file", "overrides"}
+
+
+# --- a trial ---------------------------------------------------------------------------------
 
 
 def test_a_trial_reports_through_the_storage_and_is_pruned_cleanly(tmp_path):
     params = load_params(project(tmp_path), [
         "search.space={train.lr: {uniform: [0.001, 0.01]}}", "search.startup_trials=1",
         f"paths.train={tmp_path / 'train'}"])
-    handle = study_mod.open_study(params)
-    good = handle.study.ask()
+    study = study_mod.open_study(params)
+    good = study.ask()
     for epoch, value in enumerate((0.6, 0.8, 0.9), start=1):
         good.report(value, epoch)
-    handle.study.tell(good, 0.9)
-    trial = handle.study.ask()
-    ref = parse_ref({"study": handle.name, "number": trial.number, "storage": handle.url})
+    study.tell(good, 0.9)
+    trial = study.ask()
 
-    reporter = Reporter(params, ref)  # as a worker does: its own connection to the storage
-    reporter.on_train_start(0)
+    reporter = Reporter(params, study.study_name, trial.number)  # its own connection, as a child
     reporter.on_epoch_end(1, {"val_acc": 0.7, "val_loss": 1.0})  # above the median: goes on
     with pytest.raises(StopTraining, match="median pruner after epoch 2: val_acc 0.1000"):
         reporter.on_epoch_end(2, {"val_acc": 0.1, "val_loss": 2.0})
-    seen = optuna.load_study(study_name=handle.name, storage=handle.url).trials[trial.number]
-    assert seen.state.name == "PRUNED" and seen.intermediate_values == {1: 0.7, 2: 0.1}
-    with pytest.raises(UserError, match=f"trial {trial.number} .* PRUNED, not running"):
-        Reporter(params, ref)
-
-
-def test_a_trial_ref_never_carries_a_password():
-    with pytest.raises(UserError, match="password"):
-        parse_ref('{"study": "s", "number": 0, "storage": "postgresql://u:pw@db/optuna"}')
-    with pytest.raises(UserError, match="number"):
-        parse_ref('{"study": "s", "number": -1, "storage": "sqlite:////x.db"}')
-
-
-def test_suggest_and_the_trial_value():
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    trial = study.ask()
-    assert 1 <= suggest(trial, "train.epochs", {"log_int": [1, 8]}) <= 8
-    assert 1e-4 <= suggest(trial, "train.lr", {"log_uniform": [1e-4, 1e-2]}) <= 1e-2
-    assert suggest(trial, "model.name", {"choice": ["a", "b"]}) in ("a", "b")
-    assert best_value({1: 0.5, 2: 0.9, 3: 0.7}, "maximize") == 0.9
-    assert best_value({1: 0.5, 2: 0.3, 3: 0.4}, "minimize") == 0.3
-
-
-# --- train, stopped by a callback --------------------------------------------------------------
+    seen = optuna.load_study(study_name=study.study_name,
+                             storage=study_mod.storage_url(params)).trials[trial.number]
+    assert seen.intermediate_values == {1: 0.7, 2: 0.1}
+    assert seen.state.name == "RUNNING"  # its worker tells the study, from the child's result
 
 
 class StopAfter:
@@ -284,64 +355,138 @@ def test_train_stopped_by_a_callback_ends_cleanly(tmp_path, digits):
     assert (out / files.CHECKPOINTS / files.LAST).is_file() and (out / files.MODEL).is_file()
 
 
-# --- the local search, killed and started again -------------------------------------------------
+# --- `python -m flows.sweep`: workers as processes ----------------------------------------------
+
+SMALL = ["evaluate.mistakes=0", "augment.preview_images=2", "augment.preview_views=2",
+         "search.pruner=none"]
 
 
 def _sweep(folder: Path, overrides: list[str]) -> subprocess.Popen:
+    if not (folder / "params.yaml").is_file():
+        shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
+        (folder / "data/raw").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # embedded store
     env["PYTHONPATH"] = str(ROOT)
-    args = [sys.executable, "-m", "flows.sweep", *(f"--set={o}" for o in overrides)]
-    return subprocess.Popen(args, cwd=folder, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "flows.sweep",
+                             *(f"--set={o}" for o in [*SMALL, *overrides])], cwd=folder, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finished(run: subprocess.Popen, timeout: float = 900) -> dict:
+    out, err = run.communicate(timeout=timeout)
+    assert run.returncode == 0, err[-4000:]
+    return json.loads(out)
+
+
+def _study(folder: Path) -> optuna.Study:
+    url = f"sqlite:///{folder / 'outputs/search' / files.STUDY_DB}"
+    name, = optuna.get_all_study_names(url)
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def _wait_until(folder: Path, run: subprocess.Popen, ready, what: str) -> list:
+    """The study's trials once `ready(trials)`; the search must still be going."""
+    deadline, seen = time.monotonic() + 600, "no study yet"
+    while time.monotonic() < deadline:
+        assert run.poll() is None, run.communicate()[1][-4000:]
+        with contextlib.suppress(Exception):  # not made yet, or busy
+            assert (folder / "outputs/search" / files.STUDY_DB).is_file()  # reading makes it
+            trials = _study(folder).trials
+            seen = [(t.number, t.state.name, len(t.intermediate_values)) for t in trials]
+            if ready(trials):
+                return trials
+        time.sleep(0.5)
+    raise AssertionError(f"never {what}; last seen {seen}")
+
+
+def _versions(folder: Path, name: str) -> list:
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    return client.search_model_versions(f"name = '{name}'")
+
+
+def _trial_process(run: subprocess.Popen, number: int) -> psutil.Process:
+    """The training process of trial `number` among the search's descendants."""
+    for proc in psutil.Process(run.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error, ValueError, IndexError):
+            cmd = proc.cmdline()
+            if "flows.trial" in cmd and cmd[cmd.index("--number") + 1] == str(number):
+                return proc
+    raise AssertionError(f"no training process of trial {number}")
+
+
+def _gone(procs: list[psutil.Process]) -> bool:
+    _, alive = psutil.wait_procs(procs, timeout=60)
+    return all(p.status() == psutil.STATUS_ZOMBIE for p in alive)
 
 
 @pytest.mark.slow
-def test_the_local_search_killed_and_started_again_continues_its_study(tmp_path):
-    """`python -m flows.sweep`, each trial a process: SIGKILLed while trial 1 trains (seed 88:
-    lr 0.0003 for 2 epochs, then lr 0.003 for 1000, ahead of trial 0 so never pruned), started
-    again: trial 0 kept, trial 1's orphaned process stopped and the trial failed, a new trial in
-    its place (seed 88 + 2: lr 1e-6) pruned after epoch 1, the best registered once."""
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    (tmp_path / "data/raw").mkdir(parents=True)
-    overrides = ["search.method=optuna", "search.trials=2", "search.parallel=1",
-                 "search.sampler=random", "search.seed=88", "search.startup_trials=1",
-                 "search.space={train.lr: {choice: [0.0003, 0.003, 1e-6]}, train.epochs: "
-                 "{choice: [2, 1000]}}", "evaluate.mistakes=4", "register.model_name=local-search"]
-    first = _sweep(tmp_path, overrides)
-    url = f"sqlite:///{tmp_path / 'outputs/search' / files.STUDY_DB}"
-    deadline = time.monotonic() + 600
-    while True:
-        assert first.poll() is None, first.communicate()
-        assert time.monotonic() < deadline, "trial 1 never trained"
-        with contextlib.suppress(Exception):  # not made yet, or busy
-            assert (tmp_path / "outputs/search" / files.STUDY_DB).is_file()
-            name = optuna.get_all_study_names(url)[0]
-            trials = optuna.load_study(study_name=name, storage=url).trials
-            if len(trials) == 2 and trials[1].intermediate_values:
-                break
-        time.sleep(0.5)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    orphan = trials[1].user_attrs["run"]["pid"]
-    assert psutil.pid_exists(orphan)  # the trial outlived its search
-
-    second = _sweep(tmp_path, overrides)
-    out, err = second.communicate(timeout=900)
-    assert second.returncode == 0, err[-3000:]
-    summary = json.loads(out)
-    assert summary["trials"] == {"COMPLETE": 1, "PRUNED": 1, "FAIL": 1}
-    assert summary["best"]["trial"] == 0 and summary["registered"]["version"] == "1"
-    trials = sorted(optuna.load_study(study_name=name, storage=url).trials,
-                    key=lambda t: t.number)
-    assert trials[0].state.name == "COMPLETE" and trials[0].value == summary["best"]["value"]
-    assert trials[1].state.name == "FAIL" and trials[1].user_attrs["cancelled"]
-    assert _gone(orphan)
-    assert trials[2].params["train.lr"] == 1e-6 and trials[2].state.name == "PRUNED"
+def test_three_workers_finish_exactly_the_budget_and_train_nothing_beyond_it(tmp_path):
+    """Optuna's MaxTrialsCallback alone let 3 workers finish 8 trials of a budget of 6."""
+    summary = _finished(_sweep(tmp_path, [
+        "search.trials=6", "search.parallel=3", "search.sampler=random", "train.epochs=1",
+        "search.space={train.lr: {choice: [0.003, 0.002]}}", "register.model_name=budget"]))
+    trials = _study(tmp_path).trials
+    finished = {t.number for t in trials if t.state.is_finished() and t.state != S.FAIL}
+    assert len(finished) == 6 and summary["trials"]["COMPLETE"] == 6
+    assert all(t.user_attrs.get("skipped") for t in trials if t.state == S.FAIL)
+    trained = {int(p.parts[-3].removeprefix("trial-")) for p in (
+        tmp_path / "outputs/search" / summary["study"]).glob("trial-*/train/history.json")}
+    assert trained == finished  # no trial beyond the budget trained
+    assert [v.run_id for v in _versions(tmp_path, "budget")] == [summary["best"]["mlflow_run"]]
 
 
-def _gone(pid: int) -> bool:
-    """Not running: no such process, or a zombie (it may be reaped while we look)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+@pytest.mark.slow
+def test_a_worker_killed_mid_trial_has_its_trial_retried_and_the_budget_is_reached(tmp_path):
+    """SIGKILL of the worker process whose trial trains: its training dies with it, the trial is
+    failed when its heartbeat is stale and its copy is trained by the other worker."""
+    run = _sweep(tmp_path, [
+        "search.parallel=2", "search.sampler=grid", "train.epochs=15",
+        "search.space={train.lr: {choice: [0.003, 0.002, 0.001]}}", "register.model_name=kill"])
+    trials = _wait_until(tmp_path, run, lambda ts: any(t.intermediate_values for t in ts),
+                         "a trial trained")
+    killed = next(t for t in trials if t.intermediate_values)
+    child = _trial_process(run, killed.number)
+    child.parent().send_signal(signal.SIGKILL)  # its worker
+    assert _gone([child])  # the training died with its worker
+    summary = _finished(run)
+    trials = sorted(_study(tmp_path).trials, key=lambda t: t.number)
+    assert trials[killed.number].state == S.FAIL
+    copy, = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert copy.state == S.COMPLETE and copy.params == killed.params
+    points = [t.params["train.lr"] for t in trials if t.state == S.COMPLETE]
+    assert sorted(points) == [0.001, 0.002, 0.003]  # the budget, each point once
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_of_killed = client.get_run(trials[killed.number].user_attrs["mlflow_run"])
+    assert run_of_killed.info.status == "KILLED"
+    assert run_of_killed.data.tags["search.state"] == "FAIL"
+    assert len(_versions(tmp_path, "kill")) == 1 and summary["registered"]["version"] == "1"
+
+
+@pytest.mark.slow
+def test_a_grid_runs_each_point_once_with_three_workers_also_killed_and_started_again(tmp_path):
+    """A 2 x 2 grid, three workers (parallel GridSampler workers ran one point three times in 6
+    trials): the whole search SIGKILLed while trials train, started again, and a third time."""
+    given = ["search.parallel=3", "search.sampler=grid", "register.model_name=grid",
+             "search.space={train.lr: {choice: [0.003, 0.001]}, train.epochs: {choice: [1, 20]}}"]
+    run = _sweep(tmp_path, given)
+    _wait_until(tmp_path, run, lambda ts: any(t.state == S.COMPLETE for t in ts) and any(
+        t.state == S.RUNNING and t.intermediate_values for t in ts), "one finished, one training")
+    processes = psutil.Process(run.pid).children(recursive=True)
+    run.send_signal(signal.SIGKILL)
+    run.communicate()
+    assert _gone(processes)  # its workers and their trainings died with it
+
+    summary = _finished(_sweep(tmp_path, given))
+    trials = _study(tmp_path).trials
+    points = sorted((t.params["train.lr"], t.params["train.epochs"]) for t in trials
+                    if t.state in (S.COMPLETE, S.PRUNED))
+    assert points == [(0.001, 1), (0.001, 20), (0.003, 1), (0.003, 20)]
+    dead = [t.number for t in trials if t.state == S.FAIL and not t.user_attrs.get("skipped")]
+    assert dead and all(any(t.system_attrs.get("failed_trial") == n for t in trials)
+                        for n in dead)  # each retried
+    assert len(_versions(tmp_path, "grid")) == 1
+
+    again = _finished(_sweep(tmp_path, given))  # finished and registered: nothing new
+    assert len(_study(tmp_path).trials) == len(trials)
+    assert again["registered"]["version"] == summary["registered"]["version"] == "1"
+    assert len(_versions(tmp_path, "grid")) == 1
