@@ -26,7 +26,7 @@ import optuna
 from sqlalchemy import exc
 
 from components import files
-from components.credentials import unescaped_userinfo
+from components.credentials import shown, unescaped_userinfo
 from components.params import Params, UserError
 
 STORAGE_ENV = "CNN_PIPELINE_SEARCH_STORAGE"
@@ -52,9 +52,9 @@ def storage_url(params: Params) -> str:
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     if unescaped_userinfo(url):
-        raise UserError(f"Optuna storage {url}: its user:password part holds an @ or / that is "
-                        f"not percent-encoded (write @ as %40, / as %2F). Fix search.storage or "
-                        f"{STORAGE_ENV}")
+        raise UserError(f"Optuna storage {shown(url)}: its user:password part holds an @ or / "
+                        f"that is not percent-encoded (write @ as %40, / as %2F). Fix "
+                        f"search.storage or {STORAGE_ENV}")
     if sqlite := url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     kwargs = ({"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if sqlite
@@ -69,7 +69,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             if attempt < CREATE_TRIES and _lost_creation_race(err):
                 time.sleep(0.25 * attempt)
                 continue
-            raise UserError(f"Optuna storage {url} cannot be opened: {err}. Fix "
+            raise UserError(f"Optuna storage {shown(url)} cannot be opened: {err}. Fix "
                             f"search.storage or {STORAGE_ENV}") from None
 
 

@@ -427,7 +427,7 @@ def test_the_largest_seed_is_one_numpy_torch_and_optuna_accept():
     recipe.seed(top.train.seed)
     np.random.default_rng(top.data.seed)
     for sampler in ("tpe", "random"):
-        assert isinstance(make_sampler({"sampler": sampler, "startup_trials": 1},
-                                       top.search.seed), optuna.samplers.BaseSampler)
+        search = {"sampler": sampler, "startup_trials": 1, "seed": top.search.seed}
+        assert isinstance(make_sampler(search, worker=0, trials=0), optuna.samplers.BaseSampler)
     with pytest.raises(ValueError):
         np.random.seed(2**32)
