@@ -345,7 +345,7 @@ def _message_figure(text: str) -> Figure:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_step(evaluate, argv, track="join")
+    run_step(evaluate, argv)
 
 
 if __name__ == "__main__":

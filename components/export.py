@@ -150,7 +150,7 @@ def _record(tracker: Tracker, name: str, version: str, onnx_path: Path, result: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_step(export, argv, track="join")
+    run_step(export, argv)
 
 
 if __name__ == "__main__":

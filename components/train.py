@@ -660,9 +660,9 @@ def _say(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     if ddp.in_worker():  # started by ddp.launch: the parent that started it tracks
-        run_step(ddp.record(train), argv)
+        run_step(ddp.record(train), argv, tracked=False)
     else:
-        run_step(train, argv, track="start")
+        run_step(train, argv)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components import cli
 from components.params import ParamsError, load_params
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,7 @@ ENTRY_POINTS = {  # every `python -m` entry point, with what its real command li
     "flows.pipeline": [],
     "flows.sweep": [],
 }
+STEPS = [m for m in ENTRY_POINTS if m in cli.COMMANDS]  # the pipeline's steps
 
 
 def command_line(cwd: Path, *args: str) -> tuple[int, str, set[str]]:
@@ -104,6 +106,24 @@ def test_help_and_good_settings_pass_the_preflight(tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["counts"]["train"] > 0
     assert json.loads(done.stdout)["seconds"] > 0  # the step's own work, timed
+
+
+@pytest.mark.parametrize("module", STEPS)
+def test_a_steps_help_is_its_own_parsers_without_importing_the_step(tmp_path, module, capsys):
+    """The preflight prints `--help` from components.cli.COMMANDS and the step function's
+    docstring read from its source: the same text the step's main() prints once imported."""
+    import importlib
+
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0]
+                for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert done.returncode == 0, done.stderr
+    assert not imported & HEAVY, f"{module} --help imported {sorted(imported & HEAVY)}"
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(module).main(["--help"])
+    assert info.value.code == 0
+    assert done.stdout == capsys.readouterr().out
 
 
 # Imported by the interpreter before `-m` loads anything, so its exit handler is registered before
