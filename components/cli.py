@@ -105,7 +105,10 @@ COMMANDS = {
     "components.train": Command(track="start"),
     "components.evaluate": Command(track="join"),
     "components.register": Command(track="join"),
-    "components.export": Command(track="join"),
+    "components.export": Command(track="join", options={"--model": dict(
+        metavar="URI", help="the registered version to export: models:/NAME@ALIAS or "
+                            "models:/NAME/VERSION (default models:/<register.model_name>@champion"
+                            ", the one you would ship)")}),
 }
 
 
