@@ -110,11 +110,18 @@ MLFLOW_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff
 
 @task(name="train", cache_policy=NO_CACHE, tags=["train"], retries=1, retry_delay_seconds=5,
       retry_condition_fn=retry_unless_user_error)
-def train_model(params: Params, trial: TrialRef | None = None) -> dict[str, Any]:
+def train_model(params: Params, trial: TrialRef | None = None,
+                parent_run: str | None = None) -> dict[str, Any]:
+    """A new MLflow run is named after this flow run and tagged with it (and nested under
+    `parent_run`); a trial's run is named by its reporter, then tagged."""
+    tags = run_tags.flow_run_tags(parent_run)
     if trial is None:
-        return asdict(tracked(train_step.train, "start")(params))
+        return asdict(tracked(train_step.train, "start", run_name=tags["prefect.flow_run_name"],
+                              run_tags=tags)(params))
     reporter = search_trial.Reporter(params, trial)
-    return {**asdict(search_trial.train_trial(params, reporter)), "pruned": reporter.pruned}
+    result = {**asdict(search_trial.train_trial(params, reporter)), "pruned": reporter.pruned}
+    run_tags.tag_run(params, tags)
+    return result
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
@@ -191,8 +198,7 @@ def training_pipeline(
         search_trial.Reporter(params, trial)  # a trial that is not running stops here
     prepared, how = prepared_data(params)
     augment_policy(params)
-    trained = train_model(params, trial)
-    run_tags.tag_run(params, run_tags.flow_run_tags(mlflow_parent_run))
+    trained = train_model(params, trial, mlflow_parent_run)
     if trained.get("pruned"):
         evaluated, decision, exported = {}, None, None
     else:

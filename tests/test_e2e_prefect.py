@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import psutil
 import pytest
@@ -47,6 +48,9 @@ def test_deployment_run_on_a_worker_tracks_and_registers(stack):
     run = client.get_run(champion.run_id)
     assert run.data.tags["prefect.flow_run_id"] == flow_run
     assert run.data.tags["prefect.deployment"] == "training-pipeline/digits"
+    with urllib.request.urlopen(f"{stack.env['PREFECT_API_URL']}/flow_runs/{flow_run}") as got:
+        name = json.loads(got.read())["name"]
+    assert run.info.run_name == run.data.tags["prefect.flow_run_name"] == name  # told apart
     assert run.data.params["train.epochs"] == "1" and 0.1 < run.data.metrics["accuracy"] <= 1
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1]
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
