@@ -47,7 +47,7 @@ from components.prepared import class_names, read_manifest
 from components.tracking import tracked
 from flows import prepare_cache, run_tags
 from flows import trial as search_trial
-from flows.settings import resolve, with_sections
+from flows.settings import resolve, run_form, with_sections
 from flows.trial import TrialRef
 
 ARTIFACT_KEY = "training-summary"
@@ -171,6 +171,7 @@ def prepared_data(params: Params) -> tuple[dict[str, Any], str]:
     return result, "pulled" if result.get("reused") else "ran"
 
 
+@run_form("mlflow_parent_run", "trial", "search")  # a sweep's or search's, not a user's
 @flow(name="training-pipeline", log_prints=True)
 @with_sections
 def training_pipeline(
