@@ -57,6 +57,13 @@ def test_deployment_run_on_a_worker_tracks_and_registers(stack):
     assert {f"evaluate/{files.METRICS}", f"evaluate/{files.CONFUSION_PNG}"} <= logged
     summary = _artifact(stack, flow_run, "training-summary")
     assert run.info.run_id in summary and "champion" in summary
+    # The Run form: the deployed params.yaml's values, not the parameters a search sets.
+    api = stack.env["PREFECT_API_URL"]
+    with urllib.request.urlopen(f"{api}/deployments/name/training-pipeline/digits") as got:
+        form = json.loads(got.read())["parameter_openapi_schema"]["properties"]
+    deployed = yaml.safe_load((stack.repo / "params.yaml").read_text())
+    assert form["train"]["default"]["epochs"] == deployed["train"]["epochs"]
+    assert not {"trial", "mlflow_parent_run"} & set(form)
 
 
 def test_killed_worker_rerun_resumes_training_and_registers_once(stack):
