@@ -25,6 +25,7 @@ to the study and stops when pruned (then evaluate is skipped); a trial never reg
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli.parser("python -m flows.pipeline", __doc__)
     parser.add_argument("--skip-register", action="store_true", help="train and evaluate only")
     args = parser.parse_args(argv)
+    # Without PREFECT_API_URL, Prefect starts a temporary server for this run (its database in
+    # PREFECT_HOME). Its telemetry service printed an error, or a 50-line traceback when its
+    # database write failed as the server stopped: a run here reports nothing to Prefect.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with cli.user_errors():
         cli.load(args)  # refused here, before Prefect starts, with the steps' own message
         summary = training_pipeline(args.params, args.overrides, skip_register=args.skip_register)
