@@ -44,7 +44,11 @@ clean:
 # The local stack, on loopback: a Prefect server (UI at http://127.0.0.1:4200), an MLflow server
 # (UI at http://127.0.0.1:5000) and a process worker on pool `local`, each a background process
 # with its pid and log under .stack/. `make deploy` registers prefect.yaml's deployments (a worker
-# runs the committed code: commit first), `make pipeline` runs the digits one and follows it.
+# runs the committed code: commit first), `make pipeline` runs the digits one and follows it
+# (SET='train.epochs=5 train.lr=0.01': settings for that run, as --set elsewhere).
+# The MLflow server serves the project's own store, the one `dvc repro` tracks into (mlflow.db,
+# mlartifacts/): one place for every run and one registry. Its artifacts are files on this host,
+# written by each client itself (not proxied), as the embedded store's are.
 .PHONY: stack-up deploy pipeline stack-down
 STACK := .stack
 PREFECT_PORT ?= 4200
@@ -56,12 +60,15 @@ STACK_ENV = PREFECT_HOME=$(abspath $(STACK))/prefect PREFECT_API_URL=$(PREFECT_A
 	PREFECT_WORKER_QUERY_SECONDS=2 \
 	MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) PREFECT_SERVER_ANALYTICS_ENABLED=false
 # $(call start,NAME,COMMAND): start COMMAND in the background, in a session of its own (so that
-# stack-down stops all it started), unless its pid is alive.
+# stack-down stops all it started), unless its pid is alive. With SIGINT handled as from a
+# terminal: a shell ignores it for what it starts with `&`, and the Prefect worker stops on
+# SIGTERM by sending itself SIGINT (it ignored both, until stack-down killed it).
 define start
 	@if [ -f $(STACK)/$(1).pid ] && kill -0 $$(cat $(STACK)/$(1).pid) 2>/dev/null; then \
 		echo "$(1) already running (pid $$(cat $(STACK)/$(1).pid))"; \
 	else \
-		$(STACK_ENV) setsid $(2) > $(STACK)/$(1).log 2>&1 & echo $$! > $(STACK)/$(1).pid; \
+		$(STACK_ENV) env --default-signal=INT setsid $(2) > $(STACK)/$(1).log 2>&1 & \
+		echo $$! > $(STACK)/$(1).pid; \
 		echo "started $(1) (pid $$(cat $(STACK)/$(1).pid), log $(STACK)/$(1).log)"; \
 	fi
 endef
@@ -75,15 +82,16 @@ endef
 
 # The two servers start together; the work pools are looked up over HTTP (milliseconds, where the
 # prefect command takes seconds to start) and made only when missing.
-# The servers' databases: SQLite files under .stack unless the environment names others, e.g.
-# PostgreSQL: MLFLOW_BACKEND_STORE_URI=postgresql+psycopg2://USER:PASSWORD@HOST:5432/mlflow and
+# The servers' databases: the project's mlflow.db (the embedded store) and a SQLite file under
+# .stack for Prefect, unless the environment names others, e.g. PostgreSQL:
+# MLFLOW_BACKEND_STORE_URI=postgresql+psycopg2://USER:PASSWORD@HOST:5432/mlflow and
 # PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://USER:PASSWORD@HOST:5432/prefect.
 # Both servers read them from the environment: no password on a command line.
-stack-up: export MLFLOW_BACKEND_STORE_URI ?= sqlite:///$(abspath $(STACK))/mlflow.db
+stack-up: export MLFLOW_BACKEND_STORE_URI ?= sqlite:///$(abspath mlflow.db)
 stack-up: install
 	mkdir -p $(STACK)/workspace $(STACK)/prefect
 	$(call start,prefect-server,$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT))
-	$(call start,mlflow,$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 --artifacts-destination $(abspath $(STACK))/mlartifacts --serve-artifacts)
+	$(call start,mlflow,$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 --default-artifact-root $(abspath mlartifacts) --no-serve-artifacts)
 	$(call wait,prefect-server,$(PREFECT_API)/health)
 	$(call wait,mlflow,http://127.0.0.1:$(MLFLOW_PORT)/health)
 	@for pool in local gpu; do curl -sf $(PREFECT_API)/work_pools/$$pool > /dev/null || \
@@ -95,7 +103,8 @@ deploy: install
 	@$(STACK_ENV) prefect --no-prompt deploy --all
 
 pipeline: install
-	@$(STACK_ENV) prefect deployment run 'training-pipeline/digits' --watch
+	@params=$$(python -m flows.settings $(foreach s,$(SET),--set '$(s)')) && \
+		$(STACK_ENV) prefect deployment run 'training-pipeline/digits' --params "$$params" --watch
 	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)/runs  MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)"
 
 # The worker first, and only when it is gone the servers (a worker whose server went away while it
@@ -120,7 +129,8 @@ stack-down:
 		if alive $$sids; then signal KILL $$sids; \
 			for i in $$(seq 50); do alive $$sids || break; sleep 0.2; done; \
 			echo "killed $$name (pid $$pid, $$count $$n): running $(STOP_GRACE_S) s after SIGTERM"; \
-		else echo "stopped $$name (pid $$pid, $$count $$n)"; fi; \
+		else echo "stopped $$name (pid $$pid, $$count $$n) within $$((i / 5)).$$((i * 2 % 10)) s" \
+			"of SIGTERM"; fi; \
 	done
 
 # Serve the registry's champion with MLflow's model server on 127.0.0.1:$(SERVE_PORT) (image files

@@ -40,7 +40,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Literal
 
 from components import files
@@ -87,33 +87,69 @@ def show(result: Any, **extra: Any) -> None:
     print(json.dumps({**data, **extra} if extra else data, indent=2, default=str))
 
 
+@dataclass(frozen=True)
+class Command:
+    """A step's command line beyond `--params`/`--set`: how its MLflow run is attached (None:
+    untracked; components.tracking.tracked) and its own options (flag -> argparse keywords; the
+    value reaches the step as the keyword argument argparse names `dest`)."""
+
+    track: Literal["start", "join"] | None = None
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# Every step's command line, here and not in the step's module, so that `--help` is printed
+# without importing the step and its libraries (components/preflight.py).
+COMMANDS = {
+    "components.prepare": Command(),
+    "components.augment": Command(),
+    "components.train": Command(track="start"),
+    "components.evaluate": Command(track="join"),
+    "components.register": Command(track="join"),
+    "components.export": Command(track="join", options={"--model": dict(
+        metavar="URI", help="the registered version to export: models:/NAME@ALIAS or "
+                            "models:/NAME/VERSION (default models:/<register.model_name>@champion"
+                            ", the one you would ship)")}),
+}
+
+
+def step_parser(module: str, description: str | None) -> argparse.ArgumentParser:
+    """The command line of step `module` (`components.<step>`): COMMANDS says what it takes."""
+    command = COMMANDS.get(module, Command())
+    steps = parser(f"python -m {module}", description)
+    for flag, keywords in command.options.items():
+        steps.add_argument(flag, **keywords)
+    if command.track is not None:
+        _tracking_arguments(steps, command.track)
+    return steps
+
+
 def run_step(step: Callable[..., Any], argv: list[str] | None = None,
-             track: Literal["start", "join"] | None = None) -> None:
-    """The main() of every step: parse the command line, validate the settings, attach the
-    MLflow run when `track` says how (components.tracking.tracked), run, print the result and
-    the seconds of the step's own work."""
-    steps = parser(f"python -m {_module_name(step)}", step.__doc__)
-    if track is not None:
-        _tracking_arguments(steps, track)
-    args = steps.parse_args(argv)
+             tracked: bool = True) -> None:
+    """The main() of every step: parse the command line (`step_parser`), validate the settings,
+    attach the MLflow run as COMMANDS says (unless not `tracked`: a DDP worker, whose parent
+    tracks), run, print the result and the seconds of the step's own work."""
+    module = _module_name(step)
+    command = COMMANDS.get(module, Command())
+    args = step_parser(module, step.__doc__).parse_args(argv)
+    own = {dest: getattr(args, dest) for dest in map(_dest, command.options)}
     spent: list[float] = []
 
     @functools.wraps(step)
     def timed(params: Params, **kwargs: Any) -> Any:
         start, cpu = time.perf_counter(), time.process_time()
         try:
-            return step(params, **kwargs)
+            return step(params, **own, **kwargs)
         finally:
             spent.extend([time.perf_counter() - start, time.process_time() - cpu])
 
     with user_errors():
         params = load(args)
         run = timed
-        if track is not None:
-            from components.tracking import tracked  # MLflow only where a step is tracked
+        if tracked and command.track is not None:
+            from components.tracking import tracked as attach  # MLflow only where tracked
 
-            run = tracked(timed, track, run_id=getattr(args, "mlflow_run", None),
-                          run_id_out=args.mlflow_run_out, pending_dir=args.pending_dir)
+            run = attach(timed, command.track, run_id=getattr(args, "mlflow_run", None),
+                         run_id_out=args.mlflow_run_out, pending_dir=args.pending_dir)
         result = run(params)
     show(result, seconds=round(spent[0], 3), cpu_seconds=round(spent[1], 3))
 
@@ -134,6 +170,11 @@ def _module_name(step: Callable[..., Any]) -> str:
         return step.__module__
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     return spec.name if spec is not None else "__main__"
+
+
+def _dest(flag: str) -> str:
+    """The attribute argparse stores a long option in (its own rule)."""
+    return flag.lstrip("-").replace("-", "_")
 
 
 def _tracking_arguments(steps: argparse.ArgumentParser, track: Literal["start", "join"]) -> None:

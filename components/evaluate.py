@@ -3,10 +3,12 @@
 Reads the test split under `paths.prepared`, the model file `paths.train`/model.pt (the best or
 EMA weights train kept) and `paths.train`/history.json, and the `evaluate` settings. Writes under
 `paths.evaluate`, into a temporary folder that replaces the old one only when complete:
-- metrics.json: accuracy, top5 (only with at least 5 classes), macro and weighted precision,
-  recall and F1, ece, loss (mean cross-entropy), n_test, and class_recall {class: recall}
-  (a DVC metric; the register gate reads it);
-- classification_report.json / .txt: scikit-learn's per-class table;
+- metrics.json: the headline figures, what `dvc exp show` sets side by side (a DVC metric):
+  accuracy, balanced_accuracy (mean recall over the classes present), macro_f1, loss (mean
+  cross-entropy), top5 (only with at least 5 classes), ece, n_test;
+- classification_report.json / .txt: scikit-learn's per-class table (precision, recall, F1,
+  support per class, and their macro and weighted averages): the per-class figures, kept out of
+  metrics.json so that experiments compare in a table of a few columns;
 - predictions.csv: index (row of the test split), true, predicted, confidence;
 - confusion.csv: actual,predicted, one row per test image (what DVC's confusion template counts),
   confusion.png and confusion_normalized.png (rows sum to 1: per-class recall on the diagonal);
@@ -68,7 +70,7 @@ class EvaluateResult:
     accuracy: float
     top5: float | None  # None with fewer than 5 classes
     macro_f1: float
-    weighted_f1: float
+    balanced_accuracy: float
     ece: float
     loss: float
 
@@ -102,8 +104,7 @@ def evaluate(params: Params, tracker: Tracker | None = None) -> EvaluateResult:
     s = Scores(np.asarray(test.y), score(model, meta, test.x, device, cfg.batch_size, cfg.tta_flip))
     metrics, report = _metrics(s, names)
     table = _calibration(s.confidence, s.pred == s.y, cfg.calibration_bins)
-    metrics["ece"] = _round(table["gap"] @ table["count"] / len(s.y))
-    metrics = _ordered(metrics)
+    metrics = _ordered(metrics | {"ece": _round(table["gap"] @ table["count"] / len(s.y))})
     history = _read_history(Path(params.paths.train) / files.HISTORY)
     with atomic_dir(params.paths.evaluate) as out:
         write_json(out / files.METRICS, metrics)
@@ -124,10 +125,10 @@ def evaluate(params: Params, tracker: Tracker | None = None) -> EvaluateResult:
         written = sorted(p.name for p in out.iterdir())
     final = Path(params.paths.evaluate)
     if tracker is not None:
-        tracker.log_metrics(_flat_metrics(metrics))
+        tracker.log_metrics(_flat_metrics(metrics, report, names))
         tracker.log_artifacts([final / f for f in written], "evaluate")
     return EvaluateResult(str(final), metrics["n_test"], metrics["accuracy"], metrics.get("top5"),
-                          metrics["macro_f1"], metrics["weighted_f1"], metrics["ece"],
+                          metrics["macro_f1"], metrics["balanced_accuracy"], metrics["ece"],
                           metrics["loss"])
 
 
@@ -140,28 +141,26 @@ def _reference(s: Scores, names: list[str], meta: dict, tta_flip: bool) -> dict[
 
 
 def _metrics(s: Scores, names: list[str]) -> tuple[dict[str, Any], dict]:
+    """metrics.json's figures but ece, and scikit-learn's per-class report."""
     labels = np.arange(len(names))
     report = classification_report(s.y, s.pred, labels=labels, target_names=names,
                                    output_dict=True, zero_division=0)
-    macro, weighted = report["macro avg"], report["weighted avg"]
+    present = [report[n]["recall"] for n in names if report[n]["support"] > 0]
     metrics: dict[str, Any] = {
         "accuracy": float(np.mean(s.pred == s.y)),
+        "balanced_accuracy": float(np.mean(present)),  # as balanced_accuracy_score
+        "macro_f1": report["macro avg"]["f1-score"],
         "loss": float(-s.logp[np.arange(len(s.y)), s.y].mean()),
-        "n_test": int(len(s.y)),
     }
     if len(names) >= 5:
         metrics["top5"] = top_k_accuracy_score(s.y, s.logp, k=5, labels=labels)
-    for avg, row in (("macro", macro), ("weighted", weighted)):
-        for key in ("precision", "recall", "f1"):
-            metrics[f"{avg}_{key}"] = row["f1-score" if key == "f1" else key]
-    metrics = {k: v if k == "n_test" else _round(v) for k, v in metrics.items()}
-    metrics["class_recall"] = {n: _round(report[n]["recall"]) for n in names}
-    return metrics, report
+    metrics = {k: _round(v) for k, v in metrics.items()}
+    return metrics | {"n_test": int(len(s.y))}, report
 
 
 def _ordered(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers first, as `dvc metrics show` lists them."""
-    head = ["accuracy", "top5", "macro_f1", "weighted_f1", "ece", "loss", "n_test"]
+    """The headline numbers first, as `dvc metrics show` and `dvc exp show` list them."""
+    head = ["accuracy", "balanced_accuracy", "macro_f1", "loss", "top5", "ece", "n_test"]
     return {k: metrics[k] for k in head if k in metrics} | metrics
 
 
@@ -189,11 +188,16 @@ def _calibration_rows(table: dict[str, np.ndarray]):
                int(table["count"][i])]
 
 
-def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """metrics.json as one level, with class names made valid MLflow metric keys."""
-    flat = {k: float(v) for k, v in metrics.items() if not isinstance(v, dict)}
-    for name, value in metrics["class_recall"].items():
-        flat["class_recall." + UNSAFE_KEY.sub("_", name)] = float(value)
+def _flat_metrics(metrics: dict[str, Any], report: dict, names: list[str]) -> dict[str, float]:
+    """What MLflow gets: metrics.json, the report's macro and weighted averages, and each class's
+    recall (`class_recall.<class>`, class names made valid MLflow metric keys)."""
+    flat = {k: float(v) for k, v in metrics.items()}
+    for avg in ("macro", "weighted"):
+        for key in ("precision", "recall", "f1"):
+            flat.setdefault(f"{avg}_{key}", _round(report[f"{avg} avg"][
+                "f1-score" if key == "f1" else key]))
+    for name in names:
+        flat["class_recall." + UNSAFE_KEY.sub("_", name)] = _round(report[name]["recall"])
     return flat
 
 
@@ -345,7 +349,7 @@ def _message_figure(text: str) -> Figure:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_step(evaluate, argv, track="join")
+    run_step(evaluate, argv)
 
 
 if __name__ == "__main__":

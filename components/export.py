@@ -1,17 +1,22 @@
-"""export: the registered version as ONNX, checked against PyTorch on the whole test split.
+"""export: a registered version as ONNX, checked against PyTorch on the whole test split.
 
-Reads `<paths.register>/decision.json` (the version register made), that version's model.pt from
-the registry (the file the version carries; hash checked, weights only), the test split under
-`paths.prepared` and the `export` settings. Writes under `paths.export`, into a temporary folder
-that replaces the old one only when complete:
+Which version: `--model` (models:/NAME@ALIAS or models:/NAME/VERSION), by default
+models:/<register.model_name>@champion, the one you would ship: after register promoted this run's
+version that is this run's; after the gate refused it, the champion (it says so on stderr, and
+export.json names the version, its aliases and the version register made). Reads that version's
+model.pt from the registry (the file the version carries; hash checked, weights only), the test
+split under `paths.prepared`, `<paths.register>/decision.json` when there is one, and the `export`
+settings. Writes under `paths.export`, into a temporary folder that replaces the old one only when
+complete:
 - model.onnx: uint8 N×H×W×C images in, class probabilities out, the training normalisation folded
   in, any batch size, the model's meta inside (components/onnx_model.py);
-- export.json: the parity check: images, max |Δprobability|, top-1 agreement, the thresholds,
-  passed, and why not.
+- export.json: which version (model_name, version, aliases, model_uri, registered_by_this_run),
+  and the parity check: images, max |Δprobability|, top-1 agreement, the thresholds, passed, and
+  why not.
 In MLflow: model.onnx is logged with the version (beside its model: `models:/<name>/<version>`
 downloads it), the version gets the tags onnx.parity ("passed", or "FAILED: " and why),
-onnx.max_abs_diff, onnx.top1_agreement, onnx.test_images and onnx.opset, and export.json goes to
-the pipeline's run.
+onnx.max_abs_diff, onnx.top1_agreement, onnx.test_images and onnx.opset (the pipeline's run gets
+them too when the version is its own), and export.json goes to the pipeline's run.
 
 Parity: ONNX Runtime and PyTorch (fp32, CPU) score every test image; the largest difference of
 any probability must be at most `export.max_abs_diff` and the share of images with the same top
@@ -23,16 +28,20 @@ A step of its own, after register and never inside it: exporting takes seconds t
 wait for.
 
     python -m components.export [--params params.yaml] [--set export.opset=20]
+    python -m components.export --model models:/digits-classifier@challenger   # any version
 """
 
 from __future__ import annotations
 
 import json
+import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
 
 from components import files
 from components.atomic import atomic_dir, write_json
@@ -41,7 +50,7 @@ from components.cli import run_step
 from components.onnx_model import DISAGREES, OnnxClassifier, write_onnx
 from components.params import Export, Params, UserError
 from components.prepared import load_split, read_manifest
-from components.tracking import Tracker, log_with_version
+from components.tracking import Tracker, log_with_version, shown
 
 BATCH = 512  # images per comparison: memory stays flat on large test splits
 
@@ -59,6 +68,7 @@ class Parity:
 class ExportResult:
     model_name: str
     version: str
+    aliases: list[str]  # the version's, when exported
     onnx: str  # model.onnx
     report: str  # export.json
     images: int
@@ -68,11 +78,17 @@ class ExportResult:
     logged: bool  # model.onnx logged with the version
 
 
-def export(params: Params, tracker: Tracker) -> ExportResult:
-    """Export the version `<paths.register>`/decision.json names; see the module doc. `tracker`:
+def export(params: Params, tracker: Tracker, model: str | None = None) -> ExportResult:
+    """Export the version `model` names (default: the champion); see the module doc. `tracker`:
     the pipeline's run (components.tracking.tracked attaches it and points mlflow's default at
     its server, where `models:/` URIs are read)."""
-    name, version = _registered(params)
+    uri = model or f"models:/{params.register.model_name}@champion"
+    found = _version(tracker.client, uri)
+    name, version = found.name, str(found.version)
+    made = _registered(params)
+    if made and made != (name, version):
+        _say(f"export: version {made[1]} of {made[0]}, registered by this run, is not {uri}: "
+             f"exporting {uri}, version {version} ({', '.join(found.aliases) or 'no alias'})")
     net, meta = load_model(resolve_model_uri(f"models:/{name}/{version}"))
     test = load_split(params.paths.prepared, "test")
     if len(test.y) == 0:
@@ -80,25 +96,45 @@ def export(params: Params, tracker: Tracker) -> ExportResult:
                         f"needs the test split version {version} of {name} was trained with: "
                         "set data.test_fraction above 0 and run the pipeline again")
     check_fits(meta, read_manifest(params.paths.prepared), f"models:/{name}/{version}")
+    which = {"model_name": name, "version": version, "aliases": list(found.aliases),
+             "model_uri": uri, "registered_by_this_run": made[1] if made else None}
     with atomic_dir(params.paths.export) as out:
         write_onnx(net, meta, out / files.ONNX, params.export.opset)
         result = parity(Classifier(net, meta), OnnxClassifier(out / files.ONNX), test.x,
                         params.export)
-        write_json(out / files.EXPORT, {"model_name": name, "version": version,
-                                        "opset": params.export.opset, **asdict(result),
+        write_json(out / files.EXPORT, {**which, "opset": params.export.opset, **asdict(result),
                                         "thresholds": params.export.model_dump()})
     final = Path(params.paths.export)
     logged = _record(tracker, name, version, final / files.ONNX, result, params.export)
     tracker.log_artifacts([final / files.EXPORT], "export")
-    return ExportResult(name, version, str(final / files.ONNX), str(final / files.EXPORT),
-                        result.images, result.max_abs_diff, result.top1_agreement,
-                        result.passed, logged)
+    return ExportResult(name, version, list(found.aliases), str(final / files.ONNX),
+                        str(final / files.EXPORT), result.images, result.max_abs_diff,
+                        result.top1_agreement, result.passed, logged)
 
 
-def _registered(params: Params) -> tuple[str, str]:
+def _version(client, uri: str):
+    """The registered version `uri` names (models:/NAME@ALIAS or models:/NAME/VERSION)."""
+    found = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", uri)
+    if not found:
+        raise UserError(f"--model {uri}: give a registered version as models:/NAME@ALIAS or "
+                        "models:/NAME/VERSION")
+    name, alias, number = found.groups()
+    try:
+        if alias:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, number)
+    except MlflowException as err:
+        registry = shown(client.tracking_uri)
+        raise UserError(f"{uri} is not in the registry at {registry} ({err.error_code}): "
+                        "run the pipeline through register first, or name a version that is "
+                        "there (--model models:/NAME/VERSION)") from None
+
+
+def _registered(params: Params) -> tuple[str, str] | None:
+    """(model name, version) that register made, from decision.json; None without one."""
     path = Path(params.paths.register) / files.DECISION
     if not path.is_file():
-        raise UserError(f"{path}: no registered version to export; run the register step first")
+        return None
     decision = json.loads(path.read_text())
     return decision["model_name"], str(decision["version"])
 
@@ -127,7 +163,8 @@ def parity(model: Classifier, onnx_model: OnnxClassifier, images: np.ndarray,
 
 def _record(tracker: Tracker, name: str, version: str, onnx_path: Path, result: Parity,
             cfg: Export) -> bool:
-    """model.onnx with the version, the parity figures as its tags, a disagreement stated."""
+    """model.onnx with the version, the parity figures as its tags (and the run's, when the
+    version is the run's own), a disagreement stated."""
     client = tracker.client
     found = client.get_model_version(name, version)
     logged = log_with_version(client, found, onnx_path)
@@ -137,7 +174,8 @@ def _record(tracker: Tracker, name: str, version: str, onnx_path: Path, result: 
             "onnx.test_images": str(result.images), "onnx.opset": str(cfg.opset)}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    tracker.set_tags(tags)
+    if found.run_id == tracker.run_id:
+        tracker.set_tags(tags)
     # The description states a disagreement (and no longer one that a later export fixed).
     kept = [p for p in (found.description or "").split("\n\n") if not p.startswith(DISAGREES)]
     if not result.passed:
@@ -149,8 +187,12 @@ def _record(tracker: Tracker, name: str, version: str, onnx_path: Path, result: 
     return logged
 
 
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
-    run_step(export, argv, track="join")
+    run_step(export, argv)
 
 
 if __name__ == "__main__":

@@ -167,12 +167,17 @@ def _training(params: Params, meta: dict, history: list[dict], device: str | Non
 
 
 def _test_metrics(metrics: dict, report: dict, classes: list[str]) -> str:
-    names = {"accuracy": "accuracy", "top5": "top-5 accuracy", "macro_f1": "macro F1",
-             "weighted_f1": "weighted F1", "macro_precision": "macro precision",
-             "macro_recall": "macro recall", "loss": "loss (cross-entropy)", "ece": "ECE"}
+    names = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
+             "top5": "top-5 accuracy", "macro_f1": "macro F1", "weighted_f1": "weighted F1",
+             "macro_precision": "macro precision", "macro_recall": "macro recall",
+             "loss": "loss (cross-entropy)", "ece": "ECE"}
+    averages = {f"{avg}_{k}": report[f"{avg} avg"]["f1-score" if k == "f1" else k]
+                for avg in ("macro", "weighted") for k in ("precision", "recall", "f1")
+                if f"{avg} avg" in report}
+    figures = averages | metrics  # the per-class averages are evaluate's report's
     lines = ["## Test metrics", "", f"On the test split ({_f(metrics.get('n_test'))} images).", "",
-             *markdown.table(["metric", "value"], [(label, _f(metrics[k]))
-                                                   for k, label in names.items() if k in metrics]),
+             *markdown.table(["metric", "value"], [(label, _f(figures[k]))
+                                                   for k, label in names.items() if k in figures]),
              ""]
     rows = []
     for c in classes:

@@ -23,6 +23,10 @@ that start with it, for an image folder) or the prepared data's manifest (augmen
 evaluate, register, export). Writes nothing. flows/__init__.py imports the components package,
 so the preflight runs once for a flow too.
 
+`--help` of a step (components.cli.COMMANDS) is printed here too, by the parser the step's main()
+builds, described by the step function's docstring read from its source (`step_doc`): a fraction
+of a second where importing the step took seconds. Other entry points print their own.
+
 For every entry point it also registers `cli.quick_exit` as the process's first exit handler, so
 that it runs after all others: the process then ends without the interpreter's last garbage
 collections.
@@ -30,8 +34,10 @@ collections.
 
 from __future__ import annotations
 
+import ast
 import atexit
 import contextlib
+import importlib.util
 import io
 import sys
 from collections.abc import Callable
@@ -79,6 +85,18 @@ ENTRY_POINTS: dict[str, Callable[[Params], None]] = {
 }
 
 
+def step_doc(module: str) -> str | None:
+    """The docstring of step `module`'s function of the same name (`components.train`: train),
+    read from its source: what its `--help` describes, as `python -m` would show it once the
+    module is imported, which takes seconds."""
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(Path(spec.origin).read_text(), spec.origin)
+    step = module.rsplit(".", 1)[-1]
+    found = next(node for node in tree.body
+                 if isinstance(node, ast.FunctionDef) and node.name == step)
+    return ast.get_docstring(found, clean=False)
+
+
 def main_module() -> str | None:
     """The module `python -m` is about to run, while its packages are imported; else None."""
     if sys.argv[:1] != ["-m"] or len(sys.orig_argv) < len(sys.argv):
@@ -102,6 +120,8 @@ def run() -> None:
     except SystemExit:
         return
     if {"-h", "--help"} & set(rest):
+        if name in cli.COMMANDS:  # a step: its help without importing it
+            cli.step_parser(name, step_doc(name)).parse_args(sys.argv[1:])
         return
     with cli.user_errors():
         check(cli.load(args))

@@ -441,7 +441,7 @@ def _champion_scores(client: MlflowClient, name: str, champion: str, scores: Sco
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_step(register, argv, track="join")
+    run_step(register, argv)
 
 
 if __name__ == "__main__":

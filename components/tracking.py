@@ -10,6 +10,11 @@ that continues its last checkpoint keeps logging into the run that wrote it: aft
 when a finished run is started again (`dvc repro --force`), so that no new run and no new model
 version is made; a train that starts fresh gets a new run.
 
+A new run is named so that MLflow's runs list tells it apart (`run_name`): the Prefect flow run's
+name, the DVC experiment's under `dvc exp run` (DVC_EXP_NAME, which DVC sets for each stage), else
+`<model>-<data>` and the settings that differ from params.yaml; it is tagged with the flow run
+(`prefect.flow_run_name`, ... from flows/) or the experiment (`dvc.experiment`, `dvc.baseline`).
+
 The run gets, when train starts: the validated params flattened (`section.key`), lineage tags
 (git commit and dirty tree, the prepared data's DVC hash, a params hash, the dataset's name), the
 prepared data as a run input whose digest is that DVC hash, and the artifacts policy.json,
@@ -74,7 +79,7 @@ from mlflow.exceptions import MlflowException
 from components import files
 from components.atomic import atomic_file, write_json
 from components.credentials import redact, shown  # secrets masked in text, dropped in addresses
-from components.params import DEFAULT_PARAMS, Params, UserError, flatten
+from components.params import DEFAULT_PARAMS, Params, UserError, flatten, load_params
 from components.prepared import load_split, read_manifest
 
 EMBEDDED_DB = "mlflow.db"
@@ -87,6 +92,11 @@ UNSAFE_KEY = re.compile(r"[^\w\-. :/]")  # MLflow refuses other characters in me
 # A database's unique-key violation (PostgreSQL, SQLite, MySQL), as MLflow's server passes it on.
 DUPLICATE_KEY = re.compile(r"duplicate key|UNIQUE constraint failed|Duplicate entry", re.I)
 GIT_ENV = ("CNN_PIPELINE_GIT_COMMIT", "CNN_PIPELINE_GIT_DIRTY")  # git_state where git is not
+# What `dvc exp run` tells each stage's process about its experiment (dvc/env.py; set in
+# dvc/repo/experiments/queue/base.py for every way an experiment runs): the run's tags.
+DVC_EXP_TAGS = {"dvc.experiment": "DVC_EXP_NAME", "dvc.baseline": "DVC_EXP_BASELINE_REV"}
+NAMED_SECTIONS = ("data", "augment", "model", "train")  # settings that make a run's model
+NAME_MAX = 250  # characters of a run name (MLflow's limit)
 
 
 def tracking_uri() -> str:
@@ -351,6 +361,7 @@ class Tracker:
         self.unsent: list[list[str]] = []  # artifacts whose upload failed
         self.closed = False
         self.run_id = self.experiment_id = self.outbox = None
+        self.origin: tuple[str | None, dict[str, str]] = (None, {})  # a new run's name and tags
         if run_id is not None:
             self._attach(run_id)
 
@@ -366,11 +377,14 @@ class Tracker:
         self.pending.deliver(self.client, self.uri)
 
     @classmethod
-    def start(cls, params: Params, pending_dir: str | Path | None = None) -> Tracker:
+    def start(cls, params: Params, pending_dir: str | Path | None = None,
+              run_name: str | None = None, run_tags: dict[str, str] | None = None) -> Tracker:
         """For train: connected now, so an unreachable server fails before any work; the run is
-        chosen when train says where it starts (`on_train_start`)."""
+        chosen when train says where it starts (`on_train_start`). A new run is named `run_name`
+        (else `run_name()` decides) and tagged `run_tags` (who started it, e.g. a flow run)."""
         uri, client = _connect()
         tracker = cls(params, client, uri, pending_dir=pending_dir)
+        tracker.origin = (run_name, run_tags or {})
         tracker._deliver_pending()
         return tracker
 
@@ -432,7 +446,7 @@ class Tracker:
         reuse = live is not None
         if reuse:
             self.client.update_run(old["run_id"], status="RUNNING")
-        run = live if reuse else _new_run(self.client, self.params)
+        run = live if reuse else _new_run(self.client, self.params, *self.origin)
         self._attach(run.info.run_id, run.info.experiment_id)
         logged = live.data.params if reuse else {}
         flat = [Param(k, str(v)) for k, v in flatten(self.params).items() if k not in logged]
@@ -531,16 +545,19 @@ class Tracker:
 
 def tracked(step: Callable[..., Any], run: Literal["start", "join", "batch"] = "join", *,
             run_id: str | None = None, run_id_out: str | Path | None = None,
-            pending_dir: str | Path | None = None) -> Callable[[Params], Any]:
+            pending_dir: str | Path | None = None, run_name: str | None = None,
+            run_tags: dict[str, str] | None = None) -> Callable[[Params], Any]:
     """`step(params, tracker=...)` with the pipeline's MLflow run attached, closed with the
     step's outcome: the one way every entry point (a step's main(), a flow's task) tracks a step.
     `start`: train, which picks the run when it knows where it starts; `join`: the later steps,
     which log into the run train started (`run_id`, else the one run.json names); `batch`:
     batch prediction, a new run per batch. `run_id_out`: a file to write the run's id to;
-    `pending_dir`: the step's own folder, where its inputs are read-only (module docstring).
+    `pending_dir`: the step's own folder, where its inputs are read-only (module docstring);
+    `run_name`, `run_tags`: a new run's (`start`), from the runner that started it (a flow run).
     While the step runs, mlflow's process-wide default is the run's server (`mlflow_default`)."""
     if run == "start":
-        opens = functools.partial(Tracker.start, pending_dir=pending_dir)
+        opens = functools.partial(Tracker.start, pending_dir=pending_dir, run_name=run_name,
+                                  run_tags=run_tags)
     elif run == "join":
         opens = functools.partial(Tracker.resume, run_id=run_id, pending_dir=pending_dir)
     else:
@@ -639,12 +656,38 @@ def log_dataset(client: MlflowClient, run_id: str, params: Params, tags: dict[st
         client.log_inputs(run_id, inputs)
 
 
-def _new_run(client: MlflowClient, params: Params) -> Run:
+def _new_run(client: MlflowClient, params: Params, name: str | None = None,
+             tags: dict[str, str] | None = None) -> Run:
+    from_dvc = {tag: os.environ[env] for tag, env in DVC_EXP_TAGS.items() if os.environ.get(env)}
     return client.create_run(
-        experiment_id(client, params),
-        run_name=f"{params.model.name}-{params.data.source}",
-        tags={"mlflow.source.name": "components.train", "mlflow.source.type": "LOCAL"},
+        experiment_id(client, params), run_name=run_name(params, name),
+        tags={"mlflow.source.name": "components.train", "mlflow.source.type": "LOCAL",
+              **from_dvc, **(tags or {})},
     )
+
+
+def run_name(params: Params, given: str | None = None) -> str:
+    """What tells a run apart in MLflow's runs list: `given` (a Prefect flow run's name), else
+    the DVC experiment's name under `dvc exp run`, else `<model>-<data>` and the settings of
+    NAMED_SECTIONS that differ from params.yaml here (from the defaults without one), e.g.
+    `simple_cnn-digits train.lr=0.01`."""
+    name = given or os.environ.get(DVC_EXP_TAGS["dvc.experiment"])
+    if not name:
+        name = " ".join([f"{params.model.name}-{dataset_name(params, {})}",
+                         *_differences(params)])
+    return name if len(name) <= NAME_MAX else name[:NAME_MAX - 1] + "…"
+
+
+def _differences(params: Params) -> list[str]:
+    try:
+        base = load_params(DEFAULT_PARAMS) if Path(DEFAULT_PARAMS).is_file() else Params()
+    except UserError:  # a file that does not validate alone: compare with the defaults
+        base = Params()
+    ours, theirs = flatten(params), flatten(base)
+    named = ("model.name", "data.source")  # the name's start already says them
+    return [f"{key}={value if isinstance(value, str) else json.dumps(value, separators=(',', ':'))}"
+            for key, value in ours.items() if key.split(".")[0] in NAMED_SECTIONS
+            and key not in named and value != theirs.get(key)]
 
 
 def _live_run(client: MlflowClient, run_id: str) -> Run | None:

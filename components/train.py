@@ -43,8 +43,10 @@ Where the time goes: `_train_epoch` and `_step` are the hot loop. Per step: an i
 device-resident uint8 data (or a read from the memory map), one fused cast+scale+normalise (or
 cast, augment, normalise), forward, backward, optional clipping, a fused optimizer step, optional
 EMA, and a few tiny on-device accumulations. The host waits for the device only every LOG_EVERY
-steps and at the end of an epoch. A non-finite loss skips its step without a host sync: the fused
-optimizers take a `found_inf` flag (as torch.amp.GradScaler uses them).
+steps, when the progress shows the running loss (at most every BAR_EVERY_S on a terminal,
+PLAIN_EVERY_S elsewhere: `EpochProgress`) and at the end of an epoch. A non-finite loss skips its
+step without a host sync: the fused optimizers take a `found_inf` flag (as torch.amp.GradScaler
+uses them).
 """
 
 from __future__ import annotations
@@ -76,7 +78,11 @@ from components.step_code import code_hashes
 if TYPE_CHECKING:
     from timm.utils import ModelEmaV3  # imported where train.ema asks for it: timm is slow
 
-LOG_EVERY = 25  # steps between progress updates and non-finite checks (each one a host sync)
+LOG_EVERY = 25  # steps between non-finite checks (each one a host sync)
+# Loss and accuracy on the progress bar are read from the device (a sync) at most this often;
+# without a terminal (a log file, a Prefect worker, CI) a long epoch prints a plain line as often.
+BAR_EVERY_S = 1.0
+PLAIN_EVERY_S = 30.0
 MIN_BATCH = 2  # halving on out-of-memory stops here: batch norm needs two samples
 # Settings that change where or how fast a run computes, not what: resuming with other values of
 # these is still the same run.
@@ -342,8 +348,7 @@ def _train_epoch(loop: Loop, prog: Progress, epoch: int, ckdir: Path):
     loss_sum = torch.zeros((), device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     good = torch.zeros((), device=dev)
-    bar = tqdm(total=data.n, desc=f"epoch {epoch}/{cfg.epochs}", unit="img", disable=None,
-               leave=False, file=sys.stderr)
+    bar = EpochProgress(f"epoch {epoch}/{cfg.epochs}", data.n, world.main)
     t0, i, mine, steps, lr = time.perf_counter(), 0, 0, 0, 0.0
     while i < data.n:
         batch = perm[i:i + prog.batch_size]  # the global batch; i counts every rank's images
@@ -365,18 +370,48 @@ def _train_epoch(loop: Loop, prog: Progress, epoch: int, ckdir: Path):
         good.add_(~bad, alpha=len(idx))
         correct.add_(hits)
         i, mine, steps, prog.step = i + len(batch), mine + len(idx), steps + 1, prog.step + 1
+        bar.update(len(batch))
         if steps % LOG_EVERY == 0:
             _check_finite(loop, prog, ckdir)
-            if not bar.disable:
-                bar.set_postfix(loss=f"{(loss_sum / good).item():.4f}",
-                                acc=f"{correct.item() / mine:.4f}", refresh=False)
-                bar.update(i - bar.n)
+        if bar.due():
+            bar.show(i, (loss_sum / good).item(), correct.item() / mine)
     _check_finite(loop, prog, ckdir)
     sums = torch.stack([loss_sum.double(), good.double(), correct.double()])
     loss_sum, good, hits = ddp.total(sums, world).tolist()  # waits for the device
     train_s = time.perf_counter() - t0
     bar.close()
     return loss_sum / good if good else math.nan, hits / i, lr, train_s
+
+
+class EpochProgress:
+    """An epoch's progress: on a terminal, a tqdm bar that moves with every step and shows the
+    running loss and accuracy (read from the device at most every BAR_EVERY_S); elsewhere, a
+    plain line every PLAIN_EVERY_S of a long epoch (short epochs print only their end-of-epoch
+    line). Only the process that reports (`shown`: rank 0) prints."""
+
+    def __init__(self, desc: str, total: int, shown: bool):
+        self.desc, self.total = desc, total
+        self.bar = tqdm(total=total, desc=desc, unit="img", disable=None if shown else True,
+                        leave=False, file=sys.stderr)
+        self.plain = shown and self.bar.disable  # not a terminal
+        self.every = PLAIN_EVERY_S if self.plain else BAR_EVERY_S
+        self.next = time.monotonic() + self.every
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)  # returns at once when disabled; redraws at most every 0.1 s
+
+    def due(self) -> bool:
+        return (self.plain or not self.bar.disable) and time.monotonic() >= self.next
+
+    def show(self, done: int, loss: float, acc: float) -> None:
+        self.next = time.monotonic() + self.every
+        if self.plain:
+            _say(f"{self.desc}: {done}/{self.total} images, loss {loss:.4f} acc {acc:.4f}")
+        else:
+            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.4f}")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _step(loop: Loop, xb: torch.Tensor, yb: torch.Tensor, lr: float, step: int,
@@ -664,9 +699,9 @@ def _say(message: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     if ddp.in_worker():  # started by ddp.launch: the parent that started it tracks
         ddp.die_with_parent(signal.SIGKILL)  # a rank never outlives torchrun
-        run_step(ddp.record(train), argv)
+        run_step(ddp.record(train), argv, tracked=False)
     else:
-        run_step(train, argv, track="start")
+        run_step(train, argv)
 
 
 if __name__ == "__main__":

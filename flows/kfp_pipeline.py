@@ -1,7 +1,8 @@
 """training-pipeline for Kubeflow Pipelines v2: prepare → augment → train → evaluate → register →
 export, the steps of dvc.yaml and the Prefect flow.
 
-    python -m flows.kfp_pipeline compile [--out pipeline.yaml] [--image IMAGE] [--secret NAME]
+    python -m flows.kfp_pipeline compile --image REGISTRY/cnn-pipeline:0.1.0 [--out pipeline.yaml]
+                                         [--secret NAME] [--request train.memory=64Gi ...]
                                          [--params params.yaml] [--set train.epochs=5 ...]
     python -m flows.kfp_pipeline run-local [--pipeline-root outputs/kfp] [--params ...] [--set ...]
 
@@ -37,6 +38,12 @@ What the graph says:
   never from a parameter; the git commit recorded at compile time stands in for the image's
   missing .git. Retries as the Prefect flow's (KFP cannot tell a bad setting from a lost node, so
   settings are checked at compile time). train asks for `gpu_count` × nvidia.com/gpu.
+- Resources: each task requests CPU and memory (REQUESTS; `--request STEP.cpu=N` or
+  `STEP.memory=SIZE` at compile), so that Kubernetes places it on a node that has them.
+- The image must name its registry (`--image registry.example/cnn-pipeline:0.1.0`): a bare name
+  is pulled from Docker Hub, where this image is not, so compile refuses one.
+- KFP keeps a struct's numbers as doubles (protobuf's Struct): compile writes the defaults back
+  as given, so an integer reads `64`, not `64.0`, in the YAML and its header.
 """
 
 from __future__ import annotations
@@ -45,20 +52,23 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import re
 import sys
 import tomllib
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import yaml
 from kfp import compiler, dsl, kubernetes, local
+from kfp.compiler.pipeline_spec_builder import extract_comments_from_pipeline_spec
 from kfp.dsl import Artifact
 from kfp.dsl.container_component_class import ContainerComponent
 from kfp.dsl.structures import ContainerSpecImplementation, Implementation
 
 from components import cli, files
 from components.atomic import atomic_file
-from components.params import Params, ParamsError
+from components.params import Params, ParamsError, UserError
 from components.step_code import ROOT, STEPS
 from components.tracking import GIT_ENV, git_state
 from flows.kfp_tasks import (
@@ -80,6 +90,18 @@ PIPELINE_ROOT = "outputs/kfp"  # run-local: kfp.local's artifacts, one folder pe
 STARTS = next(step for step, how in TRACKS.items() if how == "start")  # opens the MLflow run
 ON_GPU = "train"
 GPU_COUNT = "gpu_count"  # a pipeline parameter: nvidia.com/gpu for train
+# What each task asks Kubernetes to reserve (requests, not limits: a task may use more where the
+# node has it). Digits needs far less; these fit CIFAR-scale data. `--request` changes them.
+REQUESTS = {
+    "prepare": {"cpu": "2", "memory": "4Gi"},  # decoding in parallel, the arrays in memory
+    "augment": {"cpu": "1", "memory": "2Gi"},
+    "train": {"cpu": "4", "memory": "16Gi"},  # loading and the memory map; the GPU does the rest
+    "evaluate": {"cpu": "2", "memory": "8Gi"},  # scoring, scikit-learn, pictures
+    "register": {"cpu": "2", "memory": "4Gi"},
+    "export": {"cpu": "2", "memory": "4Gi"},
+}
+QUANTITY = {"cpu": re.compile(r"\d+(\.\d+)?m?"),  # Kubernetes quantities: 2, 0.5, 500m
+            "memory": re.compile(r"\d+(\.\d+)?([EPTGMK]i?)?")}  # 16Gi, 512M, 1e9 as bytes
 RETRIES = {  # the Prefect flow's: train once after 5 s, the MLflow steps 3 times (2, 4, 8 s)
     "train": {"num_retries": 1, "backoff_duration": "5s"},
     "evaluate": {"num_retries": 3, "backoff_duration": "2s", "backoff_factor": 2.0},
@@ -99,7 +121,7 @@ Outputs = NamedTuple("Outputs", [(RUN_ID, str), (WRITES["evaluate"], Artifact),
 
 
 def build(ops: dict[str, Any], defaults: dict[str, dict], commit: tuple[str, str],
-          secret: str = SECRET):
+          secret: str = SECRET, requests: dict[str, dict[str, str]] = REQUESTS):
     """The pipeline: `ops` (containers or twins) wired by their artifacts, one parameter per
     settings section with `defaults`, and how KFP runs each task."""
     signature = inspect.Signature(
@@ -115,6 +137,8 @@ def build(ops: dict[str, Any], defaults: dict[str, dict], commit: tuple[str, str
             if TRACKS.get(step) == "join":
                 inputs[RUN_ID] = tasks[STARTS].outputs[RUN_ID]
             tasks[step] = _configure(step, ops[step](**inputs), given, secret, commit)
+            tasks[step].set_cpu_request(requests[step]["cpu"])
+            tasks[step].set_memory_request(requests[step]["memory"])
         return Outputs(tasks[STARTS].outputs[RUN_ID],
                        *(tasks[producer[a]].outputs[a] for a in Outputs._fields[1:]))
 
@@ -197,18 +221,66 @@ def defaults(params: Params) -> dict[str, dict]:
     return found
 
 
-def compile_pipeline(params: Params, out: str | Path, image: str, secret: str = SECRET) -> Path:
+def compile_pipeline(params: Params, out: str | Path, image: str, secret: str = SECRET,
+                     requests: dict[str, dict[str, str]] = REQUESTS) -> Path:
     """The container pipeline as KFP IR YAML at `out`, written whole or not at all."""
-    pipeline = build({step: container(step, image) for step in STEPS}, defaults(params),
-                     git_state(ROOT), secret)
+    check_image(image)
+    sections_ = defaults(params)
+    pipeline = build({step: container(step, image) for step in STEPS}, sections_,
+                     git_state(ROOT), secret, requests)
     with atomic_file(out) as tmp:
         named = tmp.with_suffix(".yaml")  # the compiler picks its format by the name
         try:
             compiler.Compiler().compile(pipeline, str(named))
-            named.replace(tmp)
+            tmp.write_text(_as_given(named.read_text(), sections_))
         finally:
             named.unlink(missing_ok=True)
     return Path(out)
+
+
+def _as_given(text: str, sections_: dict[str, dict]) -> str:
+    """The compiled YAML with the root parameters' defaults as given (KFP wrote a struct's and an
+    integer parameter's numbers as doubles: 64.0), and its header comment made again from them
+    by KFP's own writer."""
+    spec, *platform = yaml.safe_load_all(text)
+    for name, given in spec["root"]["inputDefinitions"]["parameters"].items():
+        if name in sections_:
+            given["defaultValue"] = sections_[name]
+        elif given["parameterType"] == "NUMBER_INTEGER" and "defaultValue" in given:
+            given["defaultValue"] = int(given["defaultValue"])
+    header = extract_comments_from_pipeline_spec(spec, spec["pipelineInfo"].get("description"))
+    return header + yaml.dump_all([spec, *platform], sort_keys=True)
+
+
+def check_image(image: str) -> None:
+    """Refuse an image reference that names no registry (`cnn-pipeline:0.1.0`): a cluster would
+    pull it from Docker Hub. A registry is the part before the first `/` when it has a `.` or a
+    `:` or is `localhost` (Docker's own rule)."""
+    first, _, rest = image.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        return
+    raise UserError(
+        f"--image {image}: names no registry, so a cluster pulls it from Docker Hub, where this "
+        "project's image is not. Build infra/Dockerfile, push it to a registry your cluster "
+        f"pulls from and give its whole name: --image registry.example/{image.split('/')[-1]} "
+        "(docker.io/... for Docker Hub)")
+
+
+def parse_requests(given: list[str]) -> dict[str, dict[str, str]]:
+    """REQUESTS with `--request STEP.RESOURCE=VALUE` applied, each checked."""
+    requests = {step: dict(r) for step, r in REQUESTS.items()}
+    for item in given:
+        key, _, value = item.partition("=")
+        step, _, resource = key.partition(".")
+        if step not in requests or resource not in QUANTITY:
+            raise UserError(f"--request {item}: expected STEP.RESOURCE=VALUE with STEP one of "
+                            f"{', '.join(STEPS)} and RESOURCE cpu or memory, e.g. "
+                            "--request train.memory=64Gi")
+        if not QUANTITY[resource].fullmatch(value):
+            raise UserError(f"--request {item}: {value!r} is not a Kubernetes {resource} "
+                            f"quantity (e.g. {REQUESTS['train'][resource]})")
+        requests[step][resource] = value
+    return requests
 
 
 def run_local(params: Params, pipeline_root: str | Path = PIPELINE_ROOT) -> dict[str, Any]:
@@ -246,9 +318,14 @@ def main(argv: list[str] | None = None) -> None:
     compiling = parser.add_argument_group("compile")
     compiling.add_argument("--out", default=files.KFP_PIPELINE,
                            help=f"default {files.KFP_PIPELINE}")
-    compiling.add_argument("--image", default=_image(), help=f"default {_image()} (infra/)")
+    compiling.add_argument("--image", default=_image(), help="the image infra/Dockerfile builds, "
+                           "as the cluster pulls it: REGISTRY/cnn-pipeline:TAG (required: the "
+                           f"default {_image()} names no registry)")
     compiling.add_argument("--secret", default=SECRET, help="Kubernetes secret holding "
                            f"MLFLOW_TRACKING_URI and its credentials (default {SECRET})")
+    compiling.add_argument("--request", action="append", default=[], metavar="STEP.RESOURCE=VALUE",
+                           help="a task's CPU or memory request, e.g. train.cpu=8 or "
+                                "train.memory=64Gi; repeatable (defaults: REQUESTS)")
     parser.add_argument_group("run-local").add_argument(
         "--pipeline-root", default=PIPELINE_ROOT,
         help=f"where kfp.local keeps the artifacts (default {PIPELINE_ROOT})")
@@ -257,7 +334,9 @@ def main(argv: list[str] | None = None) -> None:
         params = cli.load(args)  # refused here, before anything is written
         defaults(params)
         if args.command == "compile":
-            result = {"pipeline": str(compile_pipeline(params, args.out, args.image, args.secret))}
+            requests = parse_requests(args.request)
+            result = {"pipeline": str(compile_pipeline(params, args.out, args.image, args.secret,
+                                                       requests))}
         else:
             result = run_local(params, args.pipeline_root)
     cli.show(result)

@@ -7,8 +7,7 @@ functions do, so a flow run and `dvc repro` of the same params give the same out
 Parameters: `params_file`; per params.yaml section, typed overrides (a form in the Prefect UI;
 empty fields keep the file's values); `overrides`, `section.key=value` strings as on the command
 line (null, lists and mappings too); all validated together like the file (flows/settings.py).
-`skip_register` leaves out the register gate (a sweep's children use it: only the sweep's best is
-registered).
+`skip_register` leaves out the register gate and export.
 
 - prepare is cached on what decides its output (flows/prepare_cache.py); a cached result counts
   only while the prepared folder still holds the same data.
@@ -24,6 +23,7 @@ registered).
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from components.params import DEFAULT_PARAMS, Params, UserError
 from components.prepared import class_names, read_manifest
 from components.tracking import tracked
 from flows import prepare_cache, run_tags
-from flows.settings import resolve, with_sections
+from flows.settings import resolve, run_form, with_sections
 
 ARTIFACT_KEY = "training-summary"
 
@@ -108,7 +108,10 @@ MLFLOW_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff
 @task(name="train", cache_policy=NO_CACHE, tags=["train"], retries=1, retry_delay_seconds=5,
       retry_condition_fn=retry_unless_user_error)
 def train_model(params: Params) -> dict[str, Any]:
-    return asdict(tracked(train_step.train, "start")(params))
+    """A new MLflow run is named after this flow run and tagged with it."""
+    tags = run_tags.flow_run_tags()
+    return asdict(tracked(train_step.train, "start", run_name=tags["prefect.flow_run_name"],
+                          run_tags=tags)(params))
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, **MLFLOW_RETRIES)
@@ -158,13 +161,13 @@ def prepared_data(params: Params) -> tuple[dict[str, Any], str]:
     return result, "pulled" if result.get("reused") else "ran"
 
 
+@run_form("search")  # the search's settings: the sweep's form has them
 @flow(name="training-pipeline", log_prints=True)
 @with_sections
 def training_pipeline(
     params_file: str = DEFAULT_PARAMS,
     overrides: list[str] = [],  # noqa: B006 (Prefect copies parameters)
     skip_register: bool = False,
-    mlflow_parent_run: str | None = None,
     **sections: Any,
 ) -> dict[str, Any]:
     """Prepare, augment, train, evaluate and register a CNN image classifier.
@@ -172,8 +175,7 @@ def training_pipeline(
     Args:
         params_file: the settings file, relative to the project folder.
         overrides: `section.key=value` as on the command line (`model.checkpoint=null`).
-        skip_register: train and evaluate only (a sweep's children).
-        mlflow_parent_run: nest this run's MLflow run under that one (a sweep's).
+        skip_register: train and evaluate only.
         sections: one per params.yaml section (paths, data, augment, model, train, evaluate,
             register, ...): its overrides; empty fields keep the file's values.
     """
@@ -181,7 +183,6 @@ def training_pipeline(
     prepared, how = prepared_data(params)
     augment_policy(params)
     trained = train_model(params)
-    run_tags.tag_run(params, run_tags.flow_run_tags(mlflow_parent_run))
     evaluated = evaluate_model(params)
     decision = None if skip_register else register_model(params)
     exported = None if skip_register else export_model(params)
@@ -239,6 +240,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli.parser("python -m flows.pipeline", __doc__)
     parser.add_argument("--skip-register", action="store_true", help="train and evaluate only")
     args = parser.parse_args(argv)
+    # Without PREFECT_API_URL, Prefect starts a temporary server for this run (its database in
+    # PREFECT_HOME). Its telemetry service printed an error, or a 50-line traceback when its
+    # database write failed as the server stopped: a run here reports nothing to Prefect.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with cli.user_errors():
         cli.load(args)  # refused here, before Prefect starts, with the steps' own message
         summary = training_pipeline(args.params, args.overrides, skip_register=args.skip_register)

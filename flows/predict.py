@@ -30,7 +30,7 @@ from components.drift import DriftError
 from components.params import DEFAULT_PARAMS, Params
 from components.tracking import tracked
 from flows.pipeline import retry_unless_user_error
-from flows.settings import resolve, with_sections
+from flows.settings import resolve, run_form, with_sections
 
 ARTIFACT_KEY = "batch-predictions"
 SHOWN_ROWS = 20
@@ -49,6 +49,7 @@ def score_folder(params: Params, folder: str, model_uri: str | None) -> dict:
         return asdict(err.result) | {"error": str(err)}
 
 
+@run_form("search")  # the search's settings do nothing here
 @flow(name="batch-predict", log_prints=True)
 @with_sections
 def batch_predict(

@@ -33,14 +33,11 @@ def run_info(params: Params) -> dict[str, str] | None:
             "tracking_uri": uri, "url": url}
 
 
-def flow_run_tags(parent_run: str | None = None) -> dict[str, str]:
-    """Tags naming the Prefect flow run (and deployment) that made an MLflow run; a sweep's
-    children also name the sweep's MLflow run as their parent, so MLflow nests them."""
+def flow_run_tags() -> dict[str, str]:
+    """Tags naming the Prefect flow run (and deployment) that made an MLflow run."""
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
     if deployment.name:
         tags["prefect.deployment"] = f"{flow_run.flow_name}/{deployment.name}"
-    if parent_run:
-        tags["mlflow.parentRunId"] = parent_run
     return tags
 
 

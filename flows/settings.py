@@ -7,9 +7,17 @@ its UI and checks types and ranges before a run starts. The `overrides` paramete
 `section.key=value` strings exactly as `--set` does on the command line: that is how a key is set
 back to null (`model.checkpoint=null`) or a whole mapping given as one value.
 
+`run_form` sets what the Run form shows (the parameter schema `prefect deploy` reads from the flow
+object): each section filled with params.yaml's values as read where the flow's module is
+imported (`prefect deploy` runs in the project: the deployed settings), and without the
+parameters only a program sets. The flow's function keeps its own signature, so a run given no
+section still reads the params file it is given.
+
 `resolve` turns both into `section.key=value` strings and reads them with the file through the
 one parser (`components.params.load_params`), so the rules and the messages are those of
 `python -m components.<step> --set`.
+
+    python -m flows.settings --set train.epochs=5 ...   # validated, as a deployment run's JSON
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, create_model, model_validator
 
 from components.credentials import no_secrets
-from components.params import DEFAULT_PARAMS, Params, load_params, sections
+from components.params import DEFAULT_PARAMS, Params, UserError, load_params, sections
 
 
 def _overrides_model(name: str, section: type[BaseModel]) -> type[BaseModel]:
@@ -59,6 +67,32 @@ def with_sections(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def run_form(*hidden: str) -> Callable[[Any], Any]:
+    """A decorator over a Prefect Flow that sets its Run form as described above, leaving out
+    the parameters `hidden`: the form's schema comes from the flow object's `__signature__`
+    (inspect stops unwrapping there), its calls still go to the function's own signature."""
+
+    def apply(flow: Any) -> Any:
+        values = _file_settings()
+        signature = inspect.signature(flow.fn)
+        shown = [p.replace(default=OVERRIDES[p.name](**getattr(values, p.name).model_dump()))
+                 if p.name in OVERRIDES else p
+                 for p in signature.parameters.values() if p.name not in hidden]
+        flow.__signature__ = signature.replace(parameters=shown)
+        return flow
+
+    return apply
+
+
+def _file_settings() -> Params:
+    """params.yaml here, validated; the defaults when it is missing or refused (the run itself
+    refuses it then, with the message)."""
+    try:
+        return load_params(DEFAULT_PARAMS) if Path(DEFAULT_PARAMS).is_file() else Params()
+    except UserError:
+        return Params()
+
+
 def given(**sections: BaseModel | dict | None) -> dict[str, dict[str, Any]]:
     """The fields each section's overrides set (models or plain dicts), as plain dicts."""
     out = {}
@@ -86,3 +120,18 @@ def from_parameters(parameters: dict[str, Any]) -> Params:
     sections_given = {k: v for k, v in parameters.items() if k in Params.model_fields}
     return resolve(parameters.get("params_file", DEFAULT_PARAMS),
                    parameters.get("overrides", []), **sections_given)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Validate `--params`/`--set` and print them as a deployment run's parameters (JSON), for
+    `prefect deployment run --params` (the Makefile's `pipeline SET=...`)."""
+    from components import cli
+
+    args = cli.parser("python -m flows.settings", main.__doc__).parse_args(argv)
+    with cli.user_errors():
+        cli.load(args)  # refused here, with the steps' message, before a run is made
+    print(json.dumps({"overrides": args.overrides} if args.overrides else {}))
+
+
+if __name__ == "__main__":
+    main()

@@ -37,10 +37,12 @@ SKIP = ("tests/", "bench/", "infra/", ".ci/")  # not what a worker needs to run 
 CLONE = Path(".stack/workspace/cnn-pipeline")  # prefect.yaml: working_dir / clone name
 
 
-def sh(cmd: list[str], cwd: Path, timeout: float = 600, stderr: bool = False) -> str:
-    """`cmd` in `cwd` with this environment's executables first; its stdout (with `stderr`, then
-    its stderr: where the steps write their messages), or a failed test."""
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+def sh(cmd: list[str], cwd: Path, timeout: float = 600, stderr: bool = False,
+       env: dict[str, str] | None = None) -> str:
+    """`cmd` in `cwd` with this environment's executables first (and `env` added); its stdout
+    (with `stderr`, then its stderr: where the steps write their messages), or a failed test."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           **(env or {})}
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + (done.stderr if stderr else "")

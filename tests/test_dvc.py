@@ -97,12 +97,45 @@ def test_whole_pipeline_runs_once_and_an_experiment_reruns_only_what_changed(rep
 
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "dvc.lock"], repo)
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], repo)
-    out = sh(["dvc", "exp", "run", "--set-param", "train.lr=0.001"], repo)
+    # An experiment the gate refuses (nothing beats the champion by 1), then another.
+    out = sh(["dvc", "exp", "run", "-n", "small-lr", "-S", "train.lr=0.001",
+              "-S", "register.min_improvement=1"], repo)
     ran = {s for s in ("prepare", "augment", "train", "evaluate", "register", "export")
            if f"Running stage '{s}'" in out}
     assert ran == {"train", "evaluate", "register", "export"}
-    shown = json.loads(sh(["dvc", "exp", "show", "--json"], repo))
-    assert shown  # the experiment is listed with its params and metrics
+    refused = json.loads((repo / "outputs/register" / files.DECISION).read_text())
+    exported = json.loads((repo / "outputs/export" / files.EXPORT).read_text())
+    assert not refused["promoted"] and refused["version"] != decision["version"]
+    assert exported["version"] == decision["version"] and "champion" in exported["aliases"]
+    assert exported["registered_by_this_run"] == refused["version"]
+    sh(["dvc", "exp", "run", "-n", "big-lr", "-S", "train.lr=0.01"], repo)
+
+    table = exp_show(repo)
+    header = next(line for line in table.splitlines() if "Experiment" in line).split()
+    assert {"accuracy", "balanced_accuracy", "macro_f1", "loss", "train.lr"} <= set(header)
+    assert not [c for c in header if "/" in c]  # no file hashes
+    assert "…" not in table and max(map(len, table.splitlines())) <= 120, table
+    assert "small-lr" in table and "big-lr" in table
+
+    # Each run is named apart in MLflow; an experiment's carries its name as a tag.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = {r.info.run_name: r for r in client.search_runs(
+        [client.get_experiment_by_name("digits-classifier").experiment_id])}
+    assert set(runs) == {"simple_cnn-digits", "small-lr", "big-lr"}
+    assert runs["small-lr"].data.tags["dvc.experiment"] == "small-lr"
+    assert "dvc.experiment" not in runs["simple_cnn-digits"].data.tags
+
+
+def exp_show(repo: Path) -> str:
+    """The README's `dvc exp show` command, run as a user's terminal of 120 columns shows it."""
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    [line] = [x for x in readme.splitlines() if x.startswith("dvc exp show ")]
+    command = shlex.split(line.split("  #")[0])
+    return sh([*command, "--no-pager"], repo, env={"COLUMNS": "120"})
 
 
 def repro(repo: Path, *args: str) -> str:

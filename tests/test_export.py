@@ -146,6 +146,48 @@ def test_a_disagreeing_export_is_stated_on_the_version(exported, registered, tmp
     assert version.tags["onnx.parity"] == "passed" and "disagrees" not in version.description
 
 
+@pytest.mark.slow  # a tracking server and two trained models
+def test_after_a_refused_challenger_the_export_is_the_champions_and_any_version_is_one_command(
+        exported, registered, tmp_path):
+    import yaml
+
+    from components.evaluate import evaluate
+    from components.export import main as export_main
+    from components.params import validate
+    from components.train import train
+
+    settings = registered.params.model_dump(mode="json")
+    settings["paths"] |= {k: str(tmp_path / k) for k in ("train", "evaluate", "register",
+                                                         "export")}
+    settings["train"]["epochs"] = 1
+    settings["register"]["min_improvement"] = 1.0  # nothing beats the champion by that
+    params = validate(settings)
+    with tracking_into(registered.mlflow):
+        tracked(train, "start")(params)
+        tracked(evaluate)(params)
+        decision = tracked(register)(params)
+        assert not decision.promoted and decision.version != registered.version
+        shipped = tracked(export)(params)
+    report = json.loads((tmp_path / "export" / files.EXPORT).read_text())
+    assert shipped.version == report["version"] == registered.version  # the champion's
+    assert "champion" in report["aliases"] == shipped.aliases
+    assert report["registered_by_this_run"] == decision.version
+    test = load_split(params.paths.prepared, "test")
+    assert np.array_equal(OnnxClassifier(shipped.onnx).probabilities(test.x),
+                          OnnxClassifier(exported.onnx).probabilities(test.x))
+
+    # Any version, by alias or number, is one command.
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    with tracking_into(registered.mlflow):
+        export_main(["--params", str(path), "--model", f"models:/{registered.name}@challenger"])
+        report = json.loads((tmp_path / "export" / files.EXPORT).read_text())
+        assert report["version"] == decision.version and report["aliases"] == ["challenger"]
+        with pytest.raises(SystemExit) as refused:
+            export_main(["--params", str(path), "--model", f"models:/{registered.name}@nobody"])
+    assert refused.value.code == 2
+
+
 @pytest.mark.slow  # a trained model
 def test_predict_scores_a_folder_through_onnx_with_pytorchs_classes(exported, registered,
                                                                     tmp_path):

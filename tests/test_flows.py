@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from components import files
 from components.drift import DriftError
-from components.params import ParamsError, sections
+from components.params import ParamsError, load_params, sections
 from components.prepared import load_split
 from flows import prepare_cache
 from flows.pipeline import ARTIFACT_KEY, prepared_data, training_pipeline
@@ -56,15 +56,22 @@ def project(tmp_path, monkeypatch, prefect_api):
         yield tmp_path
 
 
-def test_parameters_are_a_form_of_every_section():
+def test_parameters_are_a_form_of_every_section_showing_params_yaml():
+    """The Run form (the schema `prefect deploy` reads): each section typed and filled with
+    params.yaml's values; not the parameters a sweep or search sets, nor the search's section."""
     schema = parameter_schema(training_pipeline).model_dump()
     props, defs = schema["properties"], schema["definitions"]
-    for section in sections():
+    settings = load_params(ROOT / "params.yaml").model_dump(mode="json")
+    for section in set(sections()) - {"search"}:
         ref = props[section]["allOf"][0]["$ref"] if "allOf" in props[section] else \
             props[section]["$ref"]
         model = defs[ref.rsplit("/", 1)[-1]]
         assert model["additionalProperties"] is False, section
         assert model["properties"], section
+        assert props[section]["default"] == settings[section], section
+    assert props["train"]["default"]["epochs"] == 30  # what a user used to see as null
+    assert not {"trial", "mlflow_parent_run", "search"} & set(props)
+    assert not {"search"} & set(parameter_schema(batch_predict).model_dump()["properties"])
     epochs = defs["TrainOverrides"]["properties"]["epochs"]["anyOf"][0]
     assert epochs["type"] == "integer" and epochs["minimum"] == 1
     source = defs["DataOverrides"]["properties"]["source"]["anyOf"][0]

@@ -21,6 +21,7 @@ from components import files
 from components.params import Params, load_params, sections
 from components.step_code import STEPS
 from components.tracking import GIT_ENV, dvc_dir_hash
+from flows.kfp_pipeline import REQUESTS
 from tests.projects import BIN, ROOT
 
 IMAGE = "registry.example/cnn-pipeline:1.2.3"
@@ -32,11 +33,12 @@ DEPENDS = {"prepare": [], "augment": ["prepare"], "train": ["augment", "prepare"
 TRACKED = {"train", "evaluate", "register", "export"}
 
 
-def compile_to(path: Path, *overrides: str) -> list[dict]:
+def compile_to(path: Path, *overrides: str, request: tuple[str, ...] = ()) -> list[dict]:
     """`compile` through the command line; the YAML's documents: pipeline, platform."""
     from flows import kfp_pipeline
 
     sets = [a for o in overrides for a in ("--set", o)]
+    sets += [a for r in request for a in ("--request", r)]
     kfp_pipeline.main(["compile", "--params", str(ROOT / "params.yaml"), "--out", str(path),
                        "--image", IMAGE, *sets])
     return list(yaml.safe_load_all(path.read_text()))
@@ -101,11 +103,51 @@ def test_gpu_on_train_caching_on_prepare_retries_like_the_prefect_flow(compiled)
     accelerator = executors["exec-train"]["container"]["resources"]["accelerator"]
     assert accelerator["resourceType"] == "nvidia.com/gpu"
     assert "gpu_count" in accelerator["resourceCount"]
-    assert [s for s in STEPS if "resources" in executors[f"exec-{s}"]["container"]] == ["train"]
+    for step in STEPS:  # every task asks for CPU and memory, so that nodes fit it
+        resources = executors[f"exec-{step}"]["container"]["resources"]
+        assert resources["resourceCpuRequest"] == REQUESTS[step]["cpu"]
+        assert resources["resourceMemoryRequest"] == REQUESTS[step]["memory"]
     assert [s for s in STEPS if tasks[s]["cachingOptions"].get("enableCache")] == ["prepare"]
     retries = {s: tasks[s].get("retryPolicy", {}).get("maxRetryCount") for s in STEPS}
     assert retries == {"prepare": None, "augment": None, "train": 1, "evaluate": 3, "register": 3,
                        "export": 3}
+
+
+def test_integers_stay_integers_in_the_yaml_and_its_header(compiled, tmp_path):
+    spec, _ = compiled
+    given = spec["root"]["inputDefinitions"]["parameters"]
+    assert given["gpu_count"]["defaultValue"] == 1
+    train = given["train"]["defaultValue"]
+    assert type(train["batch_size"]) is int and type(train["epochs"]) is int
+    assert type(train["lr"]) is float
+    text = (tmp_path / files.KFP_PIPELINE)
+    compile_to(text)
+    header = [line for line in text.read_text().splitlines() if line.startswith("#")]
+    assert any("'batch_size': 64," in line for line in header), header
+    assert not any("64.0" in line for line in header)
+
+
+def test_requests_are_set_at_compile_and_a_bad_one_or_an_image_without_registry_refused(
+        tmp_path, capsys):
+    from flows import kfp_pipeline
+
+    out = tmp_path / files.KFP_PIPELINE
+    spec, _ = compile_to(out, request=["train.memory=64Gi", "prepare.cpu=500m"])
+    executors = spec["deploymentSpec"]["executors"]
+    assert executors["exec-train"]["container"]["resources"]["resourceMemoryRequest"] == "64Gi"
+    assert executors["exec-prepare"]["container"]["resources"]["resourceCpuRequest"] == "500m"
+    out.unlink()
+    for args, says in [(["--request", "train.gpu=1"], "RESOURCE cpu or memory"),
+                       (["--request", "train.memory=lots"], "not a Kubernetes memory quantity"),
+                       (["--image", "cnn-pipeline:0.1.0"], "names no registry"),
+                       ([], "names no registry")]:  # the default image: compile needs --image
+        image = [] if "--image" in args or not args else ["--image", IMAGE]
+        with pytest.raises(SystemExit) as refused:
+            kfp_pipeline.main(["compile", "--params", str(ROOT / "params.yaml"), "--out", str(out),
+                               *image, *args])
+        assert refused.value.code == 2 and says in capsys.readouterr().err
+        assert not out.exists()  # nothing written
+    kfp_pipeline.check_image("localhost:5000/cnn-pipeline:1")  # a local registry names itself
 
 
 def test_tracking_address_from_a_secret_and_the_commit_recorded(compiled):

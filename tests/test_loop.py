@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components import cli
 from components.params import ParamsError, load_params
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,7 @@ ENTRY_POINTS = {  # every `python -m` entry point, with what its real command li
     "flows.pipeline": [],
     "flows.sweep": [],
 }
+STEPS = [m for m in ENTRY_POINTS if m in cli.COMMANDS]  # the pipeline's steps
 
 
 def command_line(cwd: Path, *args: str) -> tuple[int, str, set[str]]:
@@ -104,6 +106,24 @@ def test_help_and_good_settings_pass_the_preflight(tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["counts"]["train"] > 0
     assert json.loads(done.stdout)["seconds"] > 0  # the step's own work, timed
+
+
+@pytest.mark.parametrize("module", STEPS)
+def test_a_steps_help_is_its_own_parsers_without_importing_the_step(tmp_path, module, capsys):
+    """The preflight prints `--help` from components.cli.COMMANDS and the step function's
+    docstring read from its source: the same text the step's main() prints once imported."""
+    import importlib
+
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0]
+                for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert done.returncode == 0, done.stderr
+    assert not imported & HEAVY, f"{module} --help imported {sorted(imported & HEAVY)}"
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(module).main(["--help"])
+    assert info.value.code == 0
+    assert done.stdout == capsys.readouterr().out
 
 
 # Imported by the interpreter before `-m` loads anything, so its exit handler is registered before
@@ -249,7 +269,7 @@ def test_stack_down_stops_worker_first_and_kills_what_outlives_the_grace(tmp_pat
         assert done.returncode == 0, done.stderr
         lines = done.stdout.splitlines()
         assert lines[0].startswith(f"killed worker (pid {procs['worker'].pid}, 3 processes)")
-        assert lines[1] == f"stopped mlflow (pid {procs['mlflow'].pid}, 1 process)"
+        assert lines[1].startswith(f"stopped mlflow (pid {procs['mlflow'].pid}, 1 process) within ")
         assert lines[2].startswith("prefect-server") and "was not running" in lines[2]
         for proc in procs.values():
             proc.wait(timeout=10)
@@ -259,6 +279,65 @@ def test_stack_down_stops_worker_first_and_kills_what_outlives_the_grace(tmp_pat
         for pid in [p for pids in sessions for p in pids]:
             if _running(pid):
                 os.kill(pid, 9)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_the_makefiles_stack_one_store_settings_for_a_run_and_a_worker_that_stops_on_sigterm(
+        tmp_path):
+    """`make stack-up` in a committed project: its MLflow server serves the project's own store
+    (the one `dvc repro` tracks into: a run written there, artifacts included, into the
+    experiment the server made, is on the server); `make pipeline SET=...` passes its settings to
+    the run, and refuses a bad one before any run; `make stack-down` stops the worker with
+    SIGTERM (started with SIGINT ignored, as a shell starts `&` jobs, it did not stop until
+    killed)."""
+    from mlflow import MlflowClient
+
+    from tests.projects import committed_copy, get, pairs
+    from tests.servers import free_port
+
+    project = committed_copy(tmp_path / "project")
+    ports = {"PREFECT_PORT": str(free_port()), "MLFLOW_PORT": str(free_port())}
+    make = ["make", "-o", "install", f"VENV={sys.prefix}", *(f"{k}={v}" for k, v in ports.items())]
+    shell = {k: v for k, v in os.environ.items()
+             if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MLFLOW_TRACKING_URI",
+                          "PREFECT_API_URL")} | {"DVC_NO_ANALYTICS": "1"}
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run([*make, *args], cwd=project, env=shell, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0 or not check, f"make {args}:\n{done.stdout}\n{done.stderr}"
+        return done
+
+    uri = f"http://127.0.0.1:{ports['MLFLOW_PORT']}"
+    try:
+        run("stack-up")
+        run("deploy")
+        refused = run("pipeline", "SET=train.epochs=0", check=False)
+        assert refused.returncode != 0 and "train.epochs = 0" in refused.stderr
+        done = run("pipeline", "SET=train.epochs=1 augment.preview_images=2 evaluate.mistakes=4")
+        assert "Completed" in done.stdout, done.stdout[-3000:]
+
+        embedded = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")  # what dvc repro writes
+        experiment = embedded.get_experiment_by_name("digits-classifier")  # the server made it
+        [flow_run] = embedded.search_runs([experiment.experiment_id])
+        assert flow_run.data.params["train.epochs"] == "1"  # SET reached the run
+        assert flow_run.info.run_name == flow_run.data.tags["prefect.flow_run_name"]
+        local = embedded.create_run(experiment.experiment_id, run_name="by-dvc-repro")
+        (tmp_path / "note.txt").write_text("an artifact")
+        embedded.log_artifact(local.info.run_id, str(tmp_path / "note.txt"))
+        shown = get(uri, "runs/get", run_id=local.info.run_id)["run"]
+        assert shown["info"]["run_name"] == "by-dvc-repro"
+        assert [f["path"] for f in get(uri, "artifacts/list", run_id=local.info.run_id)[
+            "files"]] == ["note.txt"]
+        version = get(uri, "registered-models/alias", name="digits-classifier", alias="champion")
+        assert version["model_version"]["run_id"] == flow_run.info.run_id
+        assert pairs(shown["data"].get("tags", [])).get("mlflow.runName") == "by-dvc-repro"
+    finally:
+        down = run("stack-down", check=False)
+    lines = down.stdout.splitlines()
+    assert lines[0].startswith("stopped worker (pid "), down.stdout  # not "killed ..."
+    assert [line.split()[0] for line in lines] == ["stopped", "stopped", "stopped"], down.stdout
 
 
 def _session_pids(pid: int) -> list[int]:

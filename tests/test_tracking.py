@@ -130,6 +130,27 @@ def test_data_hash_is_the_one_dvc_records(base: Path, tmp_path: Path):
         assert data_hash(copy, tmp_path / "dvc.lock") == dvc_dir_hash(copy) != out["md5"]
 
 
+@pytest.mark.parametrize("given,experiment,overrides,name", [
+    (None, None, [], "simple_cnn-digits"),
+    (None, None, ["train.lr=0.01"], "simple_cnn-digits train.lr=0.01"),
+    (None, None, ["model.name=lenet5", "train.epochs=2", "augment.preset=none"],
+     "lenet5-digits augment.preset=none train.epochs=2"),
+    (None, None, ["register.model_name=other", "train.device=cpu"],
+     "simple_cnn-digits train.device=cpu"),  # only the settings that make the model
+    (None, "itchy-moms", ["train.lr=0.01"], "itchy-moms"),  # under `dvc exp run`
+    ("glorious-lemur", "itchy-moms", [], "glorious-lemur"),  # a flow run's name, given
+])
+def test_a_runs_name_tells_it_apart(tmp_path, monkeypatch, given, experiment, overrides, name):
+    from components.tracking import run_name
+
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 30\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    if experiment:
+        monkeypatch.setenv("DVC_EXP_NAME", experiment)
+    assert run_name(load_params("params.yaml", overrides), given) == name
+
+
 def test_pipeline_is_one_run_on_a_tracking_server(project: Path, monkeypatch):
     with mlflow_server(project.parent / "mlflow") as uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -10,6 +10,7 @@ timm in conftest.py, so train creates them by name like any other.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from sklearn.metrics import balanced_accuracy_score, recall_score
 
 from components import checkpoint as ckpt
 from components import files, recipe
+from components import train as train_module
 from components.batches import BalancedOrder, share
 from components.params import ParamsError, Train, UserError, load_params, validate
 from components.predict import score
@@ -178,6 +180,50 @@ def test_entry_point_trains_one_epoch_and_writes_its_files(tmp_path, data):
                  f"{files.CHECKPOINTS}/{files.BEST}"):
         assert (out / name).is_file() and (out / (name + ".sha256")).is_file(), name
     assert "epoch 1/1" in stderr  # the per-epoch line, also when no progress bar is shown
+
+
+def test_on_a_terminal_the_bar_moves_during_an_epoch_and_elsewhere_plain_lines_show(
+        tmp_path, data, monkeypatch, capsys):
+    """On a terminal (stderr a pty): the bar redraws within an epoch of 21 steps, not only at its
+    end (TQDM_MININTERVAL=0, tqdm's own setting, so that a fast machine draws each step too).
+    Not a terminal: no bar; a plain line per PLAIN_EVERY_S of a long epoch (here every step)."""
+    import pty
+    import re
+    import termios
+    import threading
+
+    _, path = settings(tmp_path, data)
+    leader, follower = pty.openpty()
+    termios.tcsetwinsize(follower, (24, 120))  # a new pty has 0 columns: tqdm would draw nothing
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "TQDM_MININTERVAL": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "components.train", "--params", str(path)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=follower)
+    os.close(follower)
+    shown = bytearray()
+
+    def read() -> None:
+        with contextlib.suppress(OSError):  # EIO once the process has closed the terminal
+            while chunk := os.read(leader, 4096):
+                shown.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    proc.communicate(timeout=300)
+    reader.join(30)
+    os.close(leader)
+    assert proc.returncode == 0, shown.decode(errors="replace")[-2000:]
+    counts = [(int(a), int(b)) for a, b in
+              re.findall(r"epoch 1/1:.*?(\d+)/(\d+) \[", shown.decode(errors="replace"))]
+    total = counts[0][1]
+    assert len({done for done, _ in counts if 0 < done < total}) >= 3, counts
+
+    monkeypatch.setattr(train_module, "PLAIN_EVERY_S", 0.0)
+    params, _ = settings(tmp_path / "plain", data)
+    train(params)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "images, loss" in line]
+    assert len(lines) >= 20 and lines[0].startswith("epoch 1/1: 64/"), lines[:3]
+    assert "\r" not in "".join(lines)
 
 
 def test_model_file_rebuilds_the_model_and_predicts_what_training_measured(tmp_path, data):
