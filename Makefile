@@ -103,7 +103,7 @@ deploy: install
 	@$(STACK_ENV) prefect --no-prompt deploy --all
 
 pipeline: install
-	@params=$$(python -m flows.settings $(foreach s,$(SET),--set '$(s)')) && \
+	@params=$$(cnn-pipeline check $(foreach s,$(SET),--set '$(s)')) && \
 		$(STACK_ENV) prefect deployment run 'training-pipeline/digits' --params "$$params" --watch
 	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)/runs  MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)"
 

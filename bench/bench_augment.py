@@ -1,4 +1,4 @@
-"""Throughput of the runtime augmentation (components/transforms.py), per preset.
+"""Throughput of the runtime augmentation (components/training/transforms.py), per preset.
 
 Resolves each preset exactly as the augment step does (default strengths) for 32×32×3 and
 28×28×1 batches of 256 random float images, then times `make_batch_augment(...)(x, y)`:
@@ -23,8 +23,8 @@ from kornia.augmentation.auto import RandAugment
 from kornia.augmentation.auto.rand_augment import rand_augment
 
 from components.augment import resolve_policy
-from components.params import Augment
-from components.transforms import make_batch_augment
+from components.core.params import Augment
+from components.training.transforms import make_batch_augment
 
 PRESETS = ["none", "basic", "standard", "randaugment", "trivialaugment", "autoaugment"]
 EXTRAS = {"basic + erasing 0.25": {"erasing": 0.25}, "basic + mixup/cutmix": {

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: components/ is importable
 
 from components.augment import augment  # noqa: E402
-from components.params import validate  # noqa: E402
+from components.core.params import validate  # noqa: E402
 from components.prepare import prepare  # noqa: E402
 from components.train import train  # noqa: E402
 
@@ -83,7 +83,7 @@ def under_torchrun(params) -> dict:
     path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-         "-m", "components.train", "--params", str(path)],
+         "-m", "cnn_pipeline", "train", "--params", str(path)],
         cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"torchrun exited with {proc.returncode}: {proc.stderr[-3000:]}")

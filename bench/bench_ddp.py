@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: components/ is importable
 
 from components.augment import augment  # noqa: E402
-from components.params import validate  # noqa: E402
+from components.core.params import validate  # noqa: E402
 from components.prepare import prepare  # noqa: E402
 from components.train import train  # noqa: E402
 

@@ -1,5 +1,5 @@
 """What orchestration costs: the training-pipeline flow against the five steps called directly,
-`python -m flows.pipeline` against `dvc repro`, `make run` on digits, and a `dvc repro` with
+`cnn-pipeline pipeline` against `dvc repro`, `make run` on digits, and a `dvc repro` with
 nothing to do.
 
 1. Orchestration tax (target: the flow at most 3 s slower). With a warm Prefect server (the one in
@@ -9,7 +9,7 @@ nothing to do.
    empty prepare cache so prepare runs in both. Imports, a first tiny flow run and one untimed
    pair happen before timing; the two alternate `--repeats` times; medians, minimums and the
    differences are printed.
-2. The command line without a server (target: ratio at most 1.1): `python -m flows.pipeline`
+2. The command line without a server (target: ratio at most 1.1): `cnn-pipeline pipeline`
    (Prefect's temporary server, in a PREFECT_HOME that one untimed run made, as on a user's
    machine after the first run) against `dvc repro` of the same six stages, each in a fresh copy
    of a committed project (params.yaml with the settings), alternating `--repeats` times after
@@ -58,8 +58,8 @@ def in_folder(folder: Path):
 
 def direct(overrides: list[str]) -> None:
     from components import augment, evaluate, prepare, register, train
-    from components.params import load_params
-    from components.tracking import tracked
+    from components.core.params import load_params
+    from components.tracking.run import tracked
 
     params = load_params("params.yaml", overrides)
     prepare.prepare(params)
@@ -151,7 +151,7 @@ def quiet_env(**extra: str) -> dict[str, str]:
 def cli_against_dvc(work: Path, repeats: int, overrides: list[str]) -> dict:
     base = project_copy(work / "cli-base", overrides)
     home = work / "prefect-home"  # one untimed run makes its database, as a user's first run
-    commands = {"flow": [str(BIN / "python"), "-m", "flows.pipeline"],
+    commands = {"flow": [str(BIN / "python"), "-m", "cnn_pipeline", "pipeline"],
                 "dvc": [str(BIN / "dvc"), "repro"]}
     wall: dict[str, list[float]] = {"flow": [], "dvc": []}
     foreign: list[str] = []

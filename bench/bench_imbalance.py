@@ -34,14 +34,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import balanced_accuracy_score, recall_score  # noqa: E402
 
-from components import files  # noqa: E402
 from components.augment import augment  # noqa: E402
-from components.checkpoint import load_model  # noqa: E402
-from components.params import validate  # noqa: E402
+from components.core import outputs  # noqa: E402
+from components.core.params import validate  # noqa: E402
+from components.data.dataset import class_names, load_split, read_manifest  # noqa: E402
 from components.predict import score  # noqa: E402
 from components.prepare import prepare  # noqa: E402
-from components.prepared import class_names, load_split, read_manifest  # noqa: E402
 from components.train import train  # noqa: E402
+from components.training.checkpoint import load_model  # noqa: E402
 from tests.projects import IMBALANCED_DATA, REDUCED, imbalanced_digits  # noqa: E402
 
 MODES = {
@@ -63,7 +63,7 @@ def settings(root: Path, train_cfg: dict, data: dict | None = None) -> dict:
 
 def test_scores(params) -> dict[str, float]:
     """Balanced accuracy, mean recall of REDUCED and accuracy of model.pt on the test split."""
-    model, meta = load_model(Path(params.paths.train) / files.MODEL)
+    model, meta = load_model(Path(params.paths.train) / outputs.MODEL)
     test = load_split(params.paths.prepared, "test")
     pred = score(model, meta, test.x, torch.device("cpu")).argmax(1)
     names = class_names(read_manifest(params.paths.prepared))

@@ -2,7 +2,7 @@
 
 In a fresh committed copy of this project (digits, params.yaml as committed, the embedded MLflow
 store), after one untimed pass (disk caches warm), the median of --repeats:
-- steps: each step's command (`python -m components.<step>`) in a process of its own. Its
+- steps: each step's command (`cnn-pipeline <step>`) in a process of its own. Its
   overhead is wall − own work (own work: the `seconds` its command line prints). Its *floor* is
   the wall time, in the same run, of a bare interpreter that imports the third-party top-level
   modules found in the step's `sys.modules` at its exit (but for those a bare interpreter
@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
 
-from components import files  # noqa: E402
-from components.step_code import PACKAGES, STEPS  # noqa: E402
+from components.core import outputs  # noqa: E402
+from components.core.step_code import PACKAGES, STEPS  # noqa: E402
 from tests.projects import committed_copy  # noqa: E402
 
 TRACKED = {"train", "evaluate", "register", "export"}  # the steps that log to MLflow
@@ -108,7 +108,7 @@ def step_modules(project: Path) -> dict[str, list[str]]:
     """Each step's third-party top-level modules at its exit (this run is untimed: it is also the
     pass that warms the disk caches)."""
     found = {}
-    shutil.rmtree(project / "outputs/train" / files.CHECKPOINTS, ignore_errors=True)  # trains
+    shutil.rmtree(project / "outputs/train" / outputs.CHECKPOINTS, ignore_errors=True)  # trains
     for step in STEPS:
         _, done = run([sys.executable, "-c", MODULES_AT_EXIT, f"components.{step}"], project)
         line = next(x for x in done.stderr.splitlines() if x.startswith("MODULES "))
@@ -121,7 +121,7 @@ def steps(project: Path, repeats: int, modules: dict[str, list[str]]) -> dict[st
     store = f"sqlite:///{project / 'mlflow.db'}"
     rounds = []
     for _ in range(repeats):
-        shutil.rmtree(project / "outputs/train" / files.CHECKPOINTS, ignore_errors=True)
+        shutil.rmtree(project / "outputs/train" / outputs.CHECKPOINTS, ignore_errors=True)
         row = {}
         for step in STEPS:
             wall, done = run([sys.executable, "-m", f"components.{step}"], project)
@@ -130,7 +130,7 @@ def steps(project: Path, repeats: int, modules: dict[str, list[str]]) -> dict[st
                             *modules[step]], project)
             row[step] = (wall, own, floor)
         rounds.append(row)
-    print("steps (each a fresh `python -m components.<step>`, as DVC runs it; medians):",
+    print("steps (each a fresh `cnn-pipeline <step>`, as DVC runs it; medians):",
           flush=True)
     budget = {}
     for step in STEPS:
@@ -184,7 +184,7 @@ def main_job(project: Path, repeats: int, budget: dict[str, float] | None) -> No
         for folder in ("outputs", "data/prepared"):
             shutil.rmtree(project / folder, ignore_errors=True)
         took, spans = stages(["dvc", "repro", "--force"], project)
-        metrics = json.loads((project / "outputs/evaluate" / files.METRICS).read_text())
+        metrics = json.loads((project / "outputs/evaluate" / outputs.METRICS).read_text())
         return took, spans, metrics["accuracy"]
 
     once()

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from components.params import validate  # noqa: E402
+from components.core.params import validate  # noqa: E402
 from components.prepare import prepare  # noqa: E402
 
 

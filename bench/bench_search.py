@@ -6,7 +6,7 @@ One space, 3 learning rates × 2 models × 2 weight decays:
   given) over the same space: `--space ranges` (default) samples learning rate and weight decay
   log-uniform between the grid's ends, `--space values` picks among the grid's own values (the
   grid's best point is then one TPE can find exactly).
-Both run as `python -m flows.sweep` does for a user: `parallel` worker processes optimizing one
+Both run as `cnn-pipeline search` does for a user: `parallel` worker processes optimizing one
 study, each trial in a process of its own, the same epochs, in a fresh folder with the embedded
 MLflow store. Printed side by side: the best validation accuracy of each, their total training
 time (the trials' epoch seconds, from each trial's history.json, summed) and wall time, the
@@ -50,12 +50,12 @@ def optuna_space() -> dict:
 
 
 def search(name: str, space: dict, overrides: list[str]) -> dict:
-    """One search, `python -m flows.sweep` here; its best, training seconds, trial-epochs, wall."""
+    """One search, `cnn-pipeline search` here; its best, training seconds, trial-epochs, wall."""
     given = [*overrides, f"search.study={name}", f"register.model_name={name}",
              f"search.space={json.dumps(space)}"]
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "flows.sweep", *(f"--set={o}" for o in given)],
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "cnn_pipeline", "search",
+                           *(f"--set={o}" for o in given)], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")

@@ -52,19 +52,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components import files  # noqa: E402
 from components.augment import augment  # noqa: E402
-from components.checkpoint import Classifier, load_model  # noqa: E402
+from components.core import outputs  # noqa: E402
+from components.core.params import validate  # noqa: E402
+from components.data.dataset import load_split  # noqa: E402
 from components.evaluate import evaluate  # noqa: E402
 from components.export import export  # noqa: E402
-from components.onnx_model import OnnxClassifier  # noqa: E402
-from components.params import validate  # noqa: E402
 from components.prepare import prepare  # noqa: E402
-from components.prepared import load_split  # noqa: E402
 from components.register import register  # noqa: E402
-from components.serve import png  # noqa: E402
-from components.tracking import tracked  # noqa: E402
+from components.serving.onnx_model import OnnxClassifier  # noqa: E402
+from components.serving.pyfunc import png  # noqa: E402
+from components.tracking.run import tracked  # noqa: E402
 from components.train import train  # noqa: E402
+from components.training.checkpoint import Classifier, load_model  # noqa: E402
 from tests.formats import png_blank  # noqa: E402
 from tests.servers import model_server  # noqa: E402
 
@@ -235,9 +235,9 @@ def _megapixels(blob: bytes) -> float:
 
 
 def onnx_vs_torch(params, x: np.ndarray, seconds: float, threads: int) -> list[dict]:
-    net, meta = load_model(Path(params.paths.train) / files.MODEL)
+    net, meta = load_model(Path(params.paths.train) / outputs.MODEL)
     model = Classifier(net, meta)
-    onnx = OnnxClassifier(Path(params.paths.export) / files.ONNX, threads=threads)
+    onnx = OnnxClassifier(Path(params.paths.export) / outputs.ONNX, threads=threads)
     rows = []
     for batch in (1, 256):
         images = np.ascontiguousarray(x[np.arange(batch) % len(x)])
@@ -275,7 +275,7 @@ def main() -> None:
         os.chdir(root)  # the embedded store's artifacts go beside it
         params = pipeline(root, args.source, args.epochs)
         x = np.asarray(load_split(params.paths.prepared, "test").x)
-        exported = json.loads((Path(params.paths.export) / files.EXPORT).read_text())
+        exported = json.loads((Path(params.paths.export) / outputs.EXPORT).read_text())
         print(f"source {args.source}: {x.shape[1]}x{x.shape[2]}x{x.shape[3]} images, model "
               f"{params.model.name}, {os.cpu_count()} CPUs, threads "
               f"{args.threads or 'default'} (torch {torch.get_num_threads()}), load average "

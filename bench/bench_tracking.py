@@ -31,10 +31,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components import tracking  # noqa: E402
 from components.augment import augment  # noqa: E402
-from components.params import validate  # noqa: E402
+from components.core.params import validate  # noqa: E402
 from components.prepare import prepare  # noqa: E402
+from components.tracking.run import Tracker  # noqa: E402
 from components.train import train  # noqa: E402
 from tests.servers import mlflow_server  # noqa: E402
 
@@ -84,7 +84,7 @@ def tracked_run(params) -> dict:
     """One tracked training: its seconds, and the tracker's costs by where they are paid."""
     in_loop, delivery = Meter(), Meter(time.thread_time)
     start = time.perf_counter()
-    tracker = tracking.Tracker.start(params)
+    tracker = Tracker.start(params)
     tracker.on_train_start(0)  # the run, as train opens it when it starts fresh
     tracker.on_train_start = lambda resumed_from: None
     start_s = time.perf_counter() - start

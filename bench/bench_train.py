@@ -60,14 +60,14 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: components/ is importable
 
-from components import checkpoint as ckpt  # noqa: E402
-from components import models  # noqa: E402
 from components.augment import augment  # noqa: E402
-from components.params import Params, load_params, validate  # noqa: E402
+from components.core.params import Params, load_params, validate  # noqa: E402
+from components.data.dataset import load_split, read_manifest  # noqa: E402
 from components.prepare import prepare  # noqa: E402
-from components.prepared import load_split, read_manifest  # noqa: E402
-from components.recipe import memory_format, runtime  # noqa: E402
 from components.train import train  # noqa: E402
+from components.training import checkpoint as ckpt  # noqa: E402
+from components.training import models  # noqa: E402
+from components.training.setup import memory_format, runtime  # noqa: E402
 from tests.formats import patterned, write_cifar10  # noqa: E402
 
 REFERENCES = ROOT.parent / "shared" / "bench"

@@ -5,13 +5,13 @@ classes) and the train split. Writes under `paths.augment`, into a temporary fol
 the old one only when complete:
 - `policy.json`: every operation with its numeric strength, flip, erasing, mixup/cutmix, image
   size, channels and number of classes: all train needs to rebuild the augmentation with
-  `components.transforms.make_batch_augment(load_policy(path), num_classes)`;
+  `components.training.transforms.make_batch_augment(load_policy(path), num_classes)`;
 - `preview.png`: training images (rows, one class after another), each beside augmented views
   made by that same runtime code, so a person sees what the model will see.
 
 Nothing augmented is stored: train augments every batch on its own device.
 
-    python -m components.augment [--params params.yaml] [--set augment.preset=randaugment ...]
+    cnn-pipeline augment [--params params.yaml] [--set augment.preset=randaugment ...]
 
 Presets: none; basic (pad by `crop_padding` of the side, at least 1 px, then crop back to size;
 horizontal flip only with `flip: true`); standard (random resized crop keeping
@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from components import files, gallery
-from components.atomic import atomic_dir, write_json
-from components.cli import run_step
-from components.params import Augment, Params, UserError
-from components.prepared import class_names, load_split, read_manifest
-from components.transforms import (
+from components.core import outputs
+from components.core.atomic import atomic_dir, write_json
+from components.core.params import Augment, Params, UserError
+from components.data.dataset import class_names, load_split, read_manifest
+from components.report import gallery
+from components.training.transforms import (
     AUTOAUGMENT_TABLES,
     COLOUR_ONLY_OPS,
     OPS,
@@ -72,15 +72,15 @@ def augment(params: Params) -> AugmentResult:
     summary = describe(policy)
     cfg = params.augment
     with atomic_dir(params.paths.augment) as out:
-        write_json(out / files.POLICY, policy)
+        write_json(out / outputs.POLICY, policy)
         render_preview(
-            out / files.PREVIEW, train.x, train.y, class_names(manifest), policy,
+            out / outputs.PREVIEW, train.x, train.y, class_names(manifest), policy,
             cfg.preview_images, cfg.preview_views,
         )
     folder = Path(params.paths.augment)
     return AugmentResult(
-        policy=folder / files.POLICY,
-        preview=folder / files.PREVIEW,
+        policy=folder / outputs.POLICY,
+        preview=folder / outputs.PREVIEW,
         preset=cfg.preset,
         summary=summary,
         soft_targets=policy["mixup_alpha"] > 0 or policy["cutmix_alpha"] > 0,
@@ -260,11 +260,3 @@ def _mixed(target: torch.Tensor, names: list[str]) -> str:
     weights, classes = target.topk(2)
     pairs = zip(weights.tolist(), classes.tolist(), strict=True)
     return " + ".join(f"{names[c]} {w:.0%}" for w, c in pairs if w > 0.005)
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_step(augment, argv)
-
-
-if __name__ == "__main__":
-    main()

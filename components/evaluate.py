@@ -16,11 +16,11 @@ EMA weights train kept) and `paths.train`/history.json, and the `evaluate` setti
   diagram; ECE uses `calibration_bins` equal-width bins of the top-class probability;
 - mistakes.png: the most confident wrong answers; curves.png: loss and accuracy per epoch;
 - reference.json: what batch prediction's drift check compares new images with
-  (components/drift.py), as evaluate scored the test split (test-time flips included): train's
+  (components/data/drift.py), as evaluate scored the test split (test-time flips included): train's
   per-channel pixel statistics and input shape, and the test split's predicted-class shares and
   confidences. model.pt carries the same, measured by train without flips.
 
-    python -m components.evaluate [--params params.yaml] [--set evaluate.tta_flip=true ...]
+    cnn-pipeline evaluate [--params params.yaml] [--set evaluate.tta_flip=true ...]
 
 With `tta_flip`, each image's softmax is averaged with its mirror image's (only for data where a
 mirrored image keeps its label). A `tracker` (log_metrics, log_artifacts) receives the metrics and
@@ -43,13 +43,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay, classification_report, top_k_accuracy_score
 
-from components import drift, files, gallery
-from components.atomic import atomic_dir, write_json
-from components.checkpoint import check_fits, load_model, score
-from components.cli import run_step
-from components.params import Params, UserError
+from components.core import outputs
+from components.core.atomic import atomic_dir, write_json
+from components.core.params import Params, UserError
+from components.data import drift
+from components.data.dataset import class_names, load_split, read_manifest
 from components.predict import pick_device
-from components.prepared import class_names, load_split, read_manifest
+from components.report import gallery
+from components.training.checkpoint import check_fits, load_model, score
 
 DPI = 100
 ANNOTATE_MAX = 20  # classes up to which the confusion matrix prints its numbers
@@ -98,30 +99,30 @@ def evaluate(params: Params, tracker: Tracker | None = None) -> EvaluateResult:
     if len(test.y) == 0:
         raise UserError(f"{root} has no test images; set data.test_fraction > 0 and prepare again")
     device = pick_device(cfg.device)
-    model_path = Path(params.paths.train) / files.MODEL
+    model_path = Path(params.paths.train) / outputs.MODEL
     model, meta = load_model(model_path, device)
     check_fits(meta, manifest, model_path)
     s = Scores(np.asarray(test.y), score(model, meta, test.x, device, cfg.batch_size, cfg.tta_flip))
     metrics, report = _metrics(s, names)
     table = _calibration(s.confidence, s.pred == s.y, cfg.calibration_bins)
     metrics = _ordered(metrics | {"ece": _round(table["gap"] @ table["count"] / len(s.y))})
-    history = _read_history(Path(params.paths.train) / files.HISTORY)
+    history = _read_history(Path(params.paths.train) / outputs.HISTORY)
     with atomic_dir(params.paths.evaluate) as out:
-        write_json(out / files.METRICS, metrics)
-        write_json(out / files.REPORT_JSON, report)
-        (out / files.REPORT_TXT).write_text(_report_text(s, names, metrics))
-        _write_predictions(out / files.PREDICTIONS, s, names)
-        write_json(out / files.REFERENCE, _reference(s, names, meta, cfg.tta_flip))
-        _write_csv(out / files.CONFUSION_CSV, ["actual", "predicted"],
+        write_json(out / outputs.METRICS, metrics)
+        write_json(out / outputs.REPORT_JSON, report)
+        (out / outputs.REPORT_TXT).write_text(_report_text(s, names, metrics))
+        _write_predictions(out / outputs.PREDICTIONS, s, names)
+        write_json(out / outputs.REFERENCE, _reference(s, names, meta, cfg.tta_flip))
+        _write_csv(out / outputs.CONFUSION_CSV, ["actual", "predicted"],
                    ([names[t], names[p]] for t, p in zip(s.y, s.pred, strict=True)))
-        _write_csv(out / files.CALIBRATION_CSV, ["bin", "lower", "upper", "confidence",
+        _write_csv(out / outputs.CALIBRATION_CSV, ["bin", "lower", "upper", "confidence",
                                                  "accuracy", "count"], _calibration_rows(table))
-        for normalize, name in ((None, files.CONFUSION_PNG),
-                                ("true", files.CONFUSION_NORMALIZED_PNG)):
+        for normalize, name in ((None, outputs.CONFUSION_PNG),
+                                ("true", outputs.CONFUSION_NORMALIZED_PNG)):
             _save(_confusion_figure(s, names, normalize), out / name)
-        _save(_calibration_figure(table, metrics["ece"]), out / files.CALIBRATION_PNG)
-        _save(_mistakes_figure(s, test.x, names, cfg.mistakes), out / files.MISTAKES_PNG)
-        _save(_curves_figure(history, meta.get("epoch")), out / files.CURVES_PNG)
+        _save(_calibration_figure(table, metrics["ece"]), out / outputs.CALIBRATION_PNG)
+        _save(_mistakes_figure(s, test.x, names, cfg.mistakes), out / outputs.MISTAKES_PNG)
+        _save(_curves_figure(history, meta.get("epoch")), out / outputs.CURVES_PNG)
         written = sorted(p.name for p in out.iterdir())
     final = Path(params.paths.evaluate)
     if tracker is not None:
@@ -323,7 +324,7 @@ def _short(name: str) -> str:
 
 def _curves_figure(history: list[dict], best_epoch: int | None) -> Figure:
     if not history:
-        return _message_figure(f"No training history ({files.HISTORY}) to draw")
+        return _message_figure(f"No training history ({outputs.HISTORY}) to draw")
     fig = _fixed_layout(Figure(figsize=(10, 4)), wspace=0.15)
     epochs = [row["epoch"] for row in history]
     for ax, metric, title in zip(fig.subplots(1, 2), ("loss", "acc"), ("Loss", "Accuracy"),
@@ -346,11 +347,3 @@ def _message_figure(text: str) -> Figure:
     fig = Figure(figsize=(4, 1))
     fig.text(0.5, 0.5, text, ha="center", va="center")
     return fig
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_step(evaluate, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -9,7 +9,7 @@ split under `paths.prepared`, `<paths.register>/decision.json` when there is one
 settings. Writes under `paths.export`, into a temporary folder that replaces the old one only when
 complete:
 - model.onnx: uint8 N×H×W×C images in, class probabilities out, the training normalisation folded
-  in, any batch size, the model's meta inside (components/onnx_model.py);
+  in, any batch size, the model's meta inside (components/serving/onnx_model.py);
 - export.json: which version (model_name, version, aliases, model_uri, registered_by_this_run),
   and the parity check: images, max |Δprobability|, top-1 agreement, the thresholds, passed, and
   why not.
@@ -27,8 +27,8 @@ its tags and its description, and the step's result says passed: false.
 A step of its own, after register and never inside it: exporting takes seconds the gate need not
 wait for.
 
-    python -m components.export [--params params.yaml] [--set export.opset=20]
-    python -m components.export --model models:/digits-classifier@challenger   # any version
+    cnn-pipeline export [--params params.yaml] [--set export.opset=20]
+    cnn-pipeline export --model models:/digits-classifier@challenger   # any version
 """
 
 from __future__ import annotations
@@ -43,14 +43,15 @@ import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
 
-from components import files
-from components.atomic import atomic_dir, write_json
-from components.checkpoint import Classifier, check_fits, load_model, resolve_model_uri
-from components.cli import run_step
-from components.onnx_model import DISAGREES, OnnxClassifier, write_onnx
-from components.params import Export, Params, UserError
-from components.prepared import load_split, read_manifest
-from components.tracking import Tracker, log_with_version, shown
+from components.core import outputs
+from components.core.atomic import atomic_dir, write_json
+from components.core.params import Export, Params, UserError
+from components.core.secrets import shown
+from components.data.dataset import load_split, read_manifest
+from components.serving.onnx_model import DISAGREES, OnnxClassifier, write_onnx
+from components.tracking.run import Tracker
+from components.tracking.store import log_with_version
+from components.training.checkpoint import Classifier, check_fits, load_model, resolve_model_uri
 
 BATCH = 512  # images per comparison: memory stays flat on large test splits
 
@@ -99,16 +100,16 @@ def export(params: Params, tracker: Tracker, model: str | None = None) -> Export
     which = {"model_name": name, "version": version, "aliases": list(found.aliases),
              "model_uri": uri, "registered_by_this_run": made[1] if made else None}
     with atomic_dir(params.paths.export) as out:
-        write_onnx(net, meta, out / files.ONNX, params.export.opset)
-        result = parity(Classifier(net, meta), OnnxClassifier(out / files.ONNX), test.x,
+        write_onnx(net, meta, out / outputs.ONNX, params.export.opset)
+        result = parity(Classifier(net, meta), OnnxClassifier(out / outputs.ONNX), test.x,
                         params.export)
-        write_json(out / files.EXPORT, {**which, "opset": params.export.opset, **asdict(result),
+        write_json(out / outputs.EXPORT, {**which, "opset": params.export.opset, **asdict(result),
                                         "thresholds": params.export.model_dump()})
     final = Path(params.paths.export)
-    logged = _record(tracker, name, version, final / files.ONNX, result, params.export)
-    tracker.log_artifacts([final / files.EXPORT], "export")
-    return ExportResult(name, version, list(found.aliases), str(final / files.ONNX),
-                        str(final / files.EXPORT), result.images, result.max_abs_diff,
+    logged = _record(tracker, name, version, final / outputs.ONNX, result, params.export)
+    tracker.log_artifacts([final / outputs.EXPORT], "export")
+    return ExportResult(name, version, list(found.aliases), str(final / outputs.ONNX),
+                        str(final / outputs.EXPORT), result.images, result.max_abs_diff,
                         result.top1_agreement, result.passed, logged)
 
 
@@ -132,7 +133,7 @@ def _version(client, uri: str):
 
 def _registered(params: Params) -> tuple[str, str] | None:
     """(model name, version) that register made, from decision.json; None without one."""
-    path = Path(params.paths.register) / files.DECISION
+    path = Path(params.paths.register) / outputs.DECISION
     if not path.is_file():
         return None
     decision = json.loads(path.read_text())
@@ -180,7 +181,7 @@ def _record(tracker: Tracker, name: str, version: str, onnx_path: Path, result: 
     kept = [p for p in (found.description or "").split("\n\n") if not p.startswith(DISAGREES)]
     if not result.passed:
         kept.append(f"{DISAGREES} ({'; '.join(result.reasons)}): do not use its "
-                    f"{files.ONNX}; the PyTorch model is unaffected.")
+                    f"{outputs.ONNX}; the PyTorch model is unaffected.")
     description = "\n\n".join(p for p in kept if p)
     if description != (found.description or ""):
         client.update_model_version(name, version, description=description)
@@ -189,11 +190,3 @@ def _record(tracker: Tracker, name: str, version: str, onnx_path: Path, result: 
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_step(export, argv)
-
-
-if __name__ == "__main__":
-    main()

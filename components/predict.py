@@ -3,28 +3,28 @@ r"""predict: score a folder of images with a trained model (batch prediction).
 Reads every image under a folder, at any depth and of any size and mode, and a model: a local
 model.pt (or the folder holding it) or an MLflow URI, by default `models:/<register.model_name>
 @champion`. Each image is decoded exactly as prepare decoded the training images
-(`components.images.decode` with the model's size and channels, the resize policy and
+(`components.data.images.decode` with the model's size and channels, the resize policy and
 `data.min_side`) and normalised exactly as in training (`checkpoint.prepare_input`). Scoring uses
 the evaluate section's batch_size, device and tta_flip, so a test image scores here as it did in
 evaluate. Writes under `paths.predictions`, into a temporary folder that replaces the old one only
 when complete:
 - `predictions.csv`: path (relative to the folder; a name that is not UTF-8 with its bytes
-  escaped, `\xNN`, and backslashes doubled: components.images.file_name), class, confidence,
+  escaped, `\xNN`, and backslashes doubled: components.data.images.file_name), class, confidence,
   then the top-k classes and their probabilities (top1_class, top1_prob, top2_class, ...);
 - `quarantine.json`: every file that could not be scored, with the reason; the folder is read
-  with prepare's scanner and file rules (components.images: a FIFO or a device node is rejected
+  with prepare's scanner and file rules (components.data.images: a FIFO or a device node is rejected
   unopened, a link out of the folder too);
 - `drift.json`: how the folder compares with the model's training and test data, figure by
-  figure against the `predict.drift_*` thresholds (components/drift.py); each figure crossed is
+  figure against the `predict.drift_*` thresholds (components/data/drift.py); each figure crossed is
   a warning on stderr, and with `predict.fail_on_drift` an error (exit 2) once everything above
   is written. Tracked in an MLflow run of its own (`tracker`; main() and the batch-predict flow
   attach one through components.tracking, to MLFLOW_TRACKING_URI or the embedded store).
 
-    python -m components.predict --folder inbox/ [--model models:/digits-classifier@champion]
+    cnn-pipeline predict --folder inbox/ [--model models:/digits-classifier@champion]
         [--params params.yaml] [--set predict.top_k=3 --set evaluate.device=cpu ...]
 
-`components.checkpoint.score` is the inference it shares with evaluate and train: log-probabilities
-of uint8 images, batched.
+`components.training.checkpoint.score` is the inference it shares with evaluate and train:
+log-probabilities of uint8 images, batched.
 
 `--model path/to/model.onnx` (an export of components/export.py, which carries the model's meta)
 scores with ONNX Runtime on the CPU instead, into the same predictions.csv.
@@ -33,7 +33,6 @@ scores with ONNX Runtime on the CPU instead, into the same predictions.csv.
 from __future__ import annotations
 
 import csv
-import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +40,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components import cli, drift, files
-from components.atomic import atomic_dir, write_json
-from components.checkpoint import load_model, resolve_model_uri, score
-from components.images import decode_file, list_images
-from components.onnx_model import OnnxClassifier
-from components.params import Params, UserError
-from components.prepared import read_manifest
+from components.core import outputs
+from components.core.atomic import atomic_dir, write_json
+from components.core.params import Params, UserError
+from components.data import drift
+from components.data.dataset import read_manifest
+from components.data.images import decode_file, list_images
+from components.serving.onnx_model import OnnxClassifier
+from components.training.checkpoint import load_model, resolve_model_uri, score
 
 CHUNK = 1024  # images decoded at a time: memory stays flat however large the folder
 
@@ -89,7 +89,7 @@ def predict(params: Params, folder: str | Path | None = None,
     scored = 0
     monitor = drift.Monitor(meta, params.predict, settings["resize"], params.evaluate.tta_flip)
     with atomic_dir(params.paths.predictions) as out:
-        with open(out / files.PREDICTIONS, "w", newline="") as f, ThreadPoolExecutor() as pool:
+        with open(out / outputs.PREDICTIONS, "w", newline="") as f, ThreadPoolExecutor() as pool:
             writer = csv.writer(f)
             writer.writerow(["path", "class", "confidence"]
                             + [f"top{i}_{w}" for i in range(1, k + 1) for w in ("class", "prob")])
@@ -112,13 +112,13 @@ def predict(params: Params, folder: str | Path | None = None,
                 _write_rows(writer, names, probs, classes, k)
                 monitor.add(batch, probs, seen)
                 scored += len(images)
-        write_json(out / files.QUARANTINE, quarantine)
+        write_json(out / outputs.QUARANTINE, quarantine)
         report = monitor.report()
-        write_json(out / files.DRIFT, report)
+        write_json(out / outputs.DRIFT, report)
     final = Path(params.paths.predictions)
-    result = PredictResult(str(final / files.PREDICTIONS), str(final / files.QUARANTINE),
+    result = PredictResult(str(final / outputs.PREDICTIONS), str(final / outputs.QUARANTINE),
                            str(path), scored, len(quarantine), scan.ignored,
-                           drift=str(final / files.DRIFT), drifted=report["drift"])
+                           drift=str(final / outputs.DRIFT), drifted=report["drift"])
     _report_drift(params, report, result, uri, folder, tracker)
     return result
 
@@ -182,25 +182,3 @@ def _write_rows(writer, names: list[str], probs: np.ndarray, classes: list[str],
     for name, p, idx in zip(names, probs, top, strict=True):
         ranked = [v for j in idx for v in (classes[j], f"{p[j]:.8g}")]
         writer.writerow([name, classes[idx[0]], f"{p[idx[0]]:.8g}", *ranked])
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = cli.parser("python -m components.predict", __doc__)
-    parser.add_argument("--folder", required=True, help="folder of images to score (any depth)")
-    parser.add_argument("--model", default=None,
-                        help=f"{files.MODEL} path or MLflow URI (default "
-                             "models:/<register.model_name>@champion)")
-    args = parser.parse_args(argv)
-    with cli.user_errors():
-        params = cli.load(args)
-        if not Path(args.folder).is_dir():  # before a run is opened in MLflow for it
-            list_images(args.folder)  # raises the one message for a missing folder
-        from components.tracking import tracked  # MLflow only where a batch is tracked
-
-        result = tracked(functools.partial(predict, folder=args.folder, model_uri=args.model),
-                         "batch")(params)
-    cli.show(result)
-
-
-if __name__ == "__main__":
-    main()

@@ -2,12 +2,12 @@
 
 Reads `data` settings: the source (digits, a torchvision dataset under data.root, or an image
 folder at data.root), image size, channels and split ratios. Writes under `paths.prepared`
-(format: components/prepared.py) the train/val/test arrays, manifest.json and quarantine.json,
+(format: components/data/dataset.py) the train/val/test arrays, manifest.json and quarantine.json,
 into a temporary folder that replaces the old one only when complete. When the largest class of
 train has more than IMBALANCE times the images of the smallest, it warns on stderr and says so
 in manifest.json (`imbalance`), naming the settings that train for it.
 
-    python -m components.prepare [--params params.yaml] [--set data.source=mnist ...]
+    cnn-pipeline prepare [--params params.yaml] [--set data.source=mnist ...]
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from components import files
-from components.atomic import atomic_dir, write_json
-from components.cli import run_step
-from components.params import Data, Params
-from components.prepared import SPLITS, x_path, y_path
-from components.sources import NO_SPLIT, SPLIT_IDS, Pool, load_source
+from components.core import outputs
+from components.core.atomic import atomic_dir, write_json
+from components.core.params import Data, Params
+from components.data.dataset import SPLITS, x_path, y_path
+from components.data.sources import NO_SPLIT, SPLIT_IDS, Pool, load_source
 
 TRAIN, VAL, TEST = (SPLIT_IDS[s] for s in SPLITS)
 DROPPED = -2
@@ -59,9 +58,9 @@ def prepare(params: Params) -> PrepareResult:
         manifest |= _write_splits(out, pool, split, fingerprints)
         manifest["imbalance"] = imbalance(manifest["counts"]["train"])
         manifest |= stats.result()
-        (out / files.POOL).unlink(missing_ok=True)
-        write_json(out / files.MANIFEST, manifest)
-        write_json(out / files.QUARANTINE, pool.quarantine)
+        (out / outputs.POOL).unlink(missing_ok=True)
+        write_json(out / outputs.MANIFEST, manifest)
+        write_json(out / outputs.QUARANTINE, pool.quarantine)
     if manifest["imbalance"]["warning"]:
         print(f"warning: {manifest['imbalance']['warning']}", file=sys.stderr)
     return PrepareResult(
@@ -274,11 +273,3 @@ def _manifest(cfg: Data, pool: Pool, split: np.ndarray, duplicates: dict) -> dic
         },
         "duplicates_across_splits": duplicates,
     }
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_step(prepare, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -5,15 +5,15 @@ metrics.json` (and, for the model card, classification_report.json, confusion.cs
 `<paths.train>/history.json`) and the test split under `paths.prepared`. Writes
 `<paths.register>/decision.json` and model_card.md, and, in MLflow: the model logged to the run, a
 version of `register.model_name` tagged with its lineage and test metrics, described by its model
-card's summary (components/model_card.py; the card is logged with it), and the aliases
+card's summary (components/serving/model_card.py; the card is logged with it), and the aliases
 `challenger`, `champion` and `previous-champion`.
 
-    python -m components.register [--params params.yaml]
+    cnn-pipeline register [--params params.yaml]
 
-The model is logged as the served pyfunc of components/serve.py (signature and input example
-included): image files in (a column `image` of PNG/JPEG/WebP/BMP bytes) or uint8 N×H×W×C arrays,
-and per image its class name, confidence, top-k classes (k = predict.top_k, fixed here with the
-served model's limits, predict.max_*) and every class's probability:
+The model is logged as the served pyfunc of components/serving/pyfunc.py (signature and input
+example included): image files in (a column `image` of PNG/JPEG/WebP/BMP bytes) or uint8 N×H×W×C
+arrays, and per image its class name, confidence, top-k classes (k = predict.top_k, fixed here with
+the served model's limits, predict.max_*) and every class's probability:
 
     mlflow.pyfunc.load_model("models:/<name>@champion").predict(pd.DataFrame({"image": [png]}))
     mlflow models serve -m "models:/<name>@champion" --env-manager local
@@ -57,16 +57,20 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from sqlalchemy.engine import make_url
 
-from components import drift, files, serve
-from components.atomic import atomic_file, write_json
-from components.checkpoint import Classifier, check_fits, load_model, resolve_model_uri
-from components.cli import run_step
-from components.model_card import Version as CardVersion
-from components.model_card import model_card
-from components.onnx_model import DISAGREES
-from components.params import Params, Register, UserError
-from components.prepared import Split, class_names, load_split, read_manifest
-from components.tracking import Tracker, lineage, log_with_version, shown
+from components.core import outputs
+from components.core.atomic import atomic_file, write_json
+from components.core.params import Params, Register, UserError
+from components.core.secrets import shown
+from components.data import drift
+from components.data.dataset import Split, class_names, load_split, read_manifest
+from components.serving import pyfunc
+from components.serving.model_card import Version as CardVersion
+from components.serving.model_card import model_card
+from components.serving.onnx_model import DISAGREES
+from components.tracking.lineage import lineage
+from components.tracking.run import Tracker
+from components.tracking.store import log_with_version
+from components.training.checkpoint import Classifier, check_fits, load_model, resolve_model_uri
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 SCORE_BATCH = 1024
@@ -235,7 +239,7 @@ def register(params: Params, tracker: Tracker) -> RegisterResult:
     server for log_model and `models:/` URIs); see the module doc."""
     cfg, client, name = params.register, tracker.client, params.register.model_name
     meta, test, scores = _challenger(params)
-    metrics = _test_metrics(Path(params.paths.evaluate) / files.METRICS)
+    metrics = _test_metrics(Path(params.paths.evaluate) / outputs.METRICS)
     _ensure_registered_model(client, name)
     found, created = _find_version(client, name, tracker.run_id), False
     decision = None if found is None else _recorded_decision(found)
@@ -256,7 +260,7 @@ def register(params: Params, tracker: Tracker) -> RegisterResult:
     decision = decision or _gate(client, cfg, version, scores, test)
     decision |= {"model_name": name, "version": version, "run_id": tracker.run_id,
                  "model_uri": f"models:/{name}/{version}", "created": created}
-    path = write_json(Path(params.paths.register) / files.DECISION, decision)
+    path = write_json(Path(params.paths.register) / outputs.DECISION, decision)
     tracker.set_tags({"register.version": version, "register.promoted": decision["promoted"],
                       "register.reasons": "; ".join(decision["reasons"])[:5000]})
     card = _write_card(params, meta, tracker, client.get_model_version(name, version), decision)
@@ -268,15 +272,15 @@ def register(params: Params, tracker: Tracker) -> RegisterResult:
 
 
 def _challenger(params: Params) -> tuple[dict[str, Any], Split, Scores]:
-    """The trained model's meta (components.checkpoint.load_model), the test split, and the
+    """The trained model's meta (components.training.checkpoint.load_model), the test split, and the
     model's scores on it."""
-    net, meta = load_model(Path(params.paths.train) / files.MODEL)
+    net, meta = load_model(Path(params.paths.train) / outputs.MODEL)
     manifest = read_manifest(params.paths.prepared)
     test = load_split(params.paths.prepared, "test")
     if len(test.y) == 0:
         raise UserError(f"{params.paths.prepared}: the test split is empty; the gate compares "
                         "models on it: set data.test_fraction above 0")
-    check_fits(meta, manifest, Path(params.paths.train) / files.MODEL)
+    check_fits(meta, manifest, Path(params.paths.train) / outputs.MODEL)
     classes = class_names(manifest)
     scores = score(Classifier(net, meta).probabilities, test, classes,
                    str(manifest.get("hashes", {}).get("test", "unknown")))
@@ -307,23 +311,23 @@ def _find_version(client: MlflowClient, name: str, run_id: str) -> ModelVersion 
 
 
 def _log_model(tracker: Tracker, params: Params, meta: dict[str, Any], test: Split):
-    """The served pyfunc (components/serve.py) with model.pt as its artifact, logged to the run."""
+    """The served pyfunc (serving/pyfunc.py) with model.pt as its artifact, logged to the run."""
     import mlflow.pyfunc
 
-    model_pt = Path(params.paths.train) / files.MODEL
+    model_pt = Path(params.paths.train) / outputs.MODEL
     # Ending the run prints "View run at" lines: to stderr, as stdout is the step's JSON summary.
     with contextlib.redirect_stdout(sys.stderr), mlflow.start_run(run_id=tracker.run_id):
         return mlflow.pyfunc.log_model(
-            name="model", python_model=str(serve.CODE),
-            code_paths=[str(Path(serve.__file__).parent)],
+            name="model", python_model=str(pyfunc.CODE),
+            code_paths=[str(Path(pyfunc.__file__).parents[1])],  # the components package
             # model.pt travels with it: `model.checkpoint` and predict start from a registered
             # model, and the gate scores a champion from it, without running the logged code.
-            artifacts={serve.ARTIFACT: str(model_pt),
-                       serve.ARTIFACT_HASH: str(model_pt) + files.HASH_SUFFIX},
-            signature=serve.signature(list(meta["classes"])),
-            input_example=serve.input_example(test.x[np.arange(2) % len(test.y)]),
-            model_config=serve.model_config(params.predict), metadata=serve.metadata(meta),
-            pip_requirements=serve.requirements())
+            artifacts={pyfunc.ARTIFACT: str(model_pt),
+                       pyfunc.ARTIFACT_HASH: str(model_pt) + outputs.HASH_SUFFIX},
+            signature=pyfunc.signature(list(meta["classes"])),
+            input_example=pyfunc.input_example(test.x[np.arange(2) % len(test.y)]),
+            model_config=pyfunc.model_config(params.predict), metadata=pyfunc.metadata(meta),
+            pip_requirements=pyfunc.requirements())
 
 
 def _version_tags(params: Params, tracker: Tracker, meta: dict[str, Any],
@@ -351,7 +355,7 @@ def _write_card(params: Params, meta: dict[str, Any], tracker: Tracker, found: M
     card = model_card(params, meta, CardVersion(
         found.name, str(found.version), decision, dict(found.tags), tracker.run_id, link,
         run_tags.get("train.device")))
-    path = Path(params.paths.register) / files.MODEL_CARD
+    path = Path(params.paths.register) / outputs.MODEL_CARD
     with atomic_file(path) as tmp:
         tmp.write_text(card.text)
     # A disagreeing ONNX export stays stated (export runs after this, not always again).
@@ -438,11 +442,3 @@ def _champion_scores(client: MlflowClient, name: str, champion: str, scores: Sco
     net, meta = load_model(resolve_model_uri(f"models:/{name}/{champion}"))
     return score(Classifier(net, meta).probabilities, test, list(meta["classes"]),
                  scores.test_hash), True
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_step(register, argv)
-
-
-if __name__ == "__main__":
-    main()

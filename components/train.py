@@ -4,12 +4,12 @@ checkpoints out.
 Reads `paths.prepared` (arrays and manifest.json: channels, classes, size, mean/std),
 `paths.augment`/policy.json and the `model` and `train` settings. Writes under `paths.train`:
 - model.pt (+ .sha256): the best validated weights (the EMA's when train.ema > 0) with all that is
-  needed to use them without params.yaml; `components.checkpoint.load_model` rebuilds it;
+  needed to use them without params.yaml; `components.training.checkpoint.load_model` rebuilds it;
 - history.json: one row per epoch (train/val loss and accuracy, lr, images/s, seconds);
 - checkpoints/last.pt (every epoch: everything to continue exactly) and best.pt (weights of the
   best epoch by train.early_stopping_metric), each with a .sha256.
 
-    python -m components.train [--params params.yaml] [--set train.epochs=5 ...]
+    cnn-pipeline train [--params params.yaml] [--set train.epochs=5 ...]
 
 Resume (train.resume: auto) continues from last.pt when it was made with the same model and train
 settings, policy, data and code, and ends exactly where an uninterrupted run would (on CPU).
@@ -19,25 +19,25 @@ When any of those changed, the run starts fresh and says what changed: `dvc exp 
 A callback may end the run after an epoch by raising StopTraining (a search's pruner does):
 the outputs are written as after early stopping and TrainResult.stopped_by says why. On several
 devices the parent hears each epoch after the workers wrote it, so they stop after the epoch they
-are in when it asks (components.ddp, `stop_requested`).
+are in when it asks (components.training.ddp, `stop_requested`).
 
-Several devices (train.devices > 1 or auto): train() launches torchrun and tracks, the workers
-train (components.ddp says who does what). Each epoch's order comes from (seed, epoch) and is the
-same on every rank; each global batch of train.batch_size images is cut in one share per rank,
-the gradients are averaged by DDP, the metrics summed over the ranks, and rank 0 alone writes.
-With models without batch norm or dropout, that is one process's training up to the order of
-float additions (tests/test_ddp.py). Batch norm normalises with each rank's own share, as DDP
-does by default; out of memory on one rank ends the run (the ranks cannot halve alone).
+Several devices (train.devices > 1 or auto): train() launches torchrun and tracks, the workers train
+(components.training.ddp says who does what). Each epoch's order comes from (seed, epoch) and is the
+same on every rank; each global batch of train.batch_size images is cut in one share per rank, the
+gradients are averaged by DDP, the metrics summed over the ranks, and rank 0 alone writes. With
+models without batch norm or dropout, that is one process's training up to the order of float
+additions (tests/test_ddp.py). Batch norm normalises with each rank's own share, as DDP does by
+default; out of memory on one rank ends the run (the ranks cannot halve alone).
 
-Imbalanced classes: `train.class_weights` (balanced, or a weight per class name) weighs the
-training loss (`weighted_cross_entropy`; validation loss stays unweighted, so best.pt is chosen on
-the same scale as without); `train.sampler: balanced` draws each epoch so that every class is seen
-equally often (components/batches.py, `BalancedOrder`). model.pt also carries the test split as
-the kept weights score it, the reference of batch prediction's drift check (components/drift.py).
+Imbalanced classes: `train.class_weights` (balanced, or a weight per class name) weighs the training
+loss (`weighted_cross_entropy`; validation loss stays unweighted, so best.pt is chosen on the same
+scale as without); `train.sampler: balanced` draws each epoch so that every class is seen equally
+often (components/training/batches.py, `BalancedOrder`). model.pt also carries the test split as the
+kept weights score it, the reference of batch prediction's drift check (components/data/drift.py).
 
-Around the loop: components/recipe.py sets the run up (device, precision, model, optimizer,
-schedule), components/batches.py holds the images on the device, components/ddp.py spreads the
-run over several devices.
+Around the loop: components/training/setup.py sets the run up (device, precision, model, optimizer,
+schedule), components/training/batches.py holds the images on the device, components/training/ddp.py
+spreads the run over several devices.
 
 Where the time goes: `_train_epoch` and `_step` are the hot loop. Per step: an index slice of the
 device-resident uint8 data (or a read from the memory map), one fused cast+scale+normalise (or
@@ -54,7 +54,6 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -66,14 +65,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from components import batches, ddp, drift, files, models, recipe, transforms
-from components import checkpoint as ckpt
-from components.atomic import write_json
-from components.batches import Images, load_images
-from components.cli import run_step
-from components.params import Params, UserError
-from components.prepared import class_names, load_split, read_manifest, require_two_classes
-from components.step_code import code_hashes
+from components.core import outputs
+from components.core.atomic import write_json
+from components.core.params import Params, UserError
+from components.core.step_code import code_hashes
+from components.data import drift
+from components.data.dataset import class_names, load_split, read_manifest, require_two_classes
+from components.training import batches, ddp, models, setup, transforms
+from components.training import checkpoint as ckpt
+from components.training.batches import Images, load_images
 
 if TYPE_CHECKING:
     from timm.utils import ModelEmaV3  # imported where train.ema asks for it: timm is slow
@@ -176,16 +176,47 @@ class Loop:
         return torch.autocast(self.device.type, dtype=self.amp)
 
 
+class TrackedInputs:
+    """What train puts in the pipeline's MLflow run besides each epoch's metrics: with a new run,
+    its inputs (augment's policy and preview, the prepared data's manifest); at the end, the
+    run's summary and history.json."""
+
+    def __init__(self, params: Params, tracker: Any):
+        self.params, self.tracker = params, tracker
+
+    def on_train_start(self, resumed_from: int) -> None:
+        if self.tracker.new_run:
+            augment = Path(self.params.paths.augment)
+            self.tracker.log_artifacts([augment / outputs.POLICY, augment / outputs.PREVIEW],
+                                       "augment")
+            self.tracker.log_artifacts([Path(self.params.paths.prepared) / outputs.MANIFEST],
+                                       "data")
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_train_end(self, result: TrainResult) -> None:
+        if result.epochs > result.resumed_from:  # a finished run started again trained nothing
+            self.tracker.log_metrics({"train.best_epoch": result.best_epoch,
+                                      "train.seconds": result.train_seconds,
+                                      "train.images_per_s": result.images_per_s},
+                                     step=result.epochs)
+            self.tracker.set_tags({"train.device": str(result.device),
+                                   "train.precision": result.precision})
+        self.tracker.log_artifacts([Path(result.history_path)], "train")
+
+
 def train(params: Params, tracker: Callback | None = None,
           callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train `params.model` on `params.paths.prepared` with `params.train`; see the module doc.
-    `tracker` (components.tracking) is one more callback, heard first: its run is open before
-    the others hear that training starts (a search's reporter reads run.json)."""
-    callbacks = [*([tracker] if tracker is not None else []), *callbacks]
+    `tracker` (components.tracking.run) is one more callback, heard first: its run is open
+    before the others hear that training starts (a search's reporter reads run.json)."""
+    tracked = [tracker, TrackedInputs(params, tracker)] if tracker is not None else []
+    callbacks = [*tracked, *callbacks]
     manifest = read_manifest(params.paths.prepared)
     require_two_classes(manifest, params.paths.prepared)  # refused before any work
     class_weights(params.train, manifest)
-    device, precision = recipe.runtime(params.train)
+    device, precision = setup.runtime(params.train)
     n = ddp.device_count(params.train, device)
     if n > 1 and not ddp.in_worker():
         result = TrainResult(**ddp.launch(params, n, callbacks, epoch_done))
@@ -204,21 +235,21 @@ def _train(params: Params, device, precision: str, world: ddp.World,
            callbacks: Sequence[Callback]) -> TrainResult:
     cfg = params.train
     out = Path(params.paths.train)
-    ckdir = out / files.CHECKPOINTS
+    ckdir = out / outputs.CHECKPOINTS
     manifest = read_manifest(params.paths.prepared)
-    policy = transforms.load_policy(Path(params.paths.augment) / files.POLICY)
+    policy = transforms.load_policy(Path(params.paths.augment) / outputs.POLICY)
     fingerprint = _fingerprint(params, manifest, policy)
     if device.type == "cpu":
-        recipe.keep_freed_memory()
-    with recipe.deterministic(device, cfg.cudnn_benchmark):
-        recipe.seed(cfg.seed)
+        setup.keep_freed_memory()
+    with setup.deterministic(device, cfg.cudnn_benchmark):
+        setup.seed(cfg.seed)
         loop, spec = _build(params, manifest, policy, device, precision, world)
         prog = Progress(batch_size=cfg.batch_size)
         saved = _resume_state(cfg, ckdir, fingerprint, world)
         if saved:
             prog = _restore(loop, saved)
             done = "finished: nothing to train" if _finished(cfg, prog) else "resuming"
-            _say(f"{ckdir / files.LAST} is this run's, after epoch {prog.epoch}: {done}")
+            _say(f"{ckdir / outputs.LAST} is this run's, after epoch {prog.epoch}: {done}")
         ddp.announce(out, world, prog.epoch)
         ddp.started(callbacks, prog.epoch)
         resumed_from, seconds, images, stopped_by = prog.epoch, 0.0, 0, None
@@ -231,7 +262,7 @@ def _train(params: Params, device, precision: str, world: ddp.World,
         if world.main:
             _write_outputs(params, spec, manifest, loop, prog)
     return TrainResult(
-        model_path=str(out / files.MODEL), history_path=str(out / files.HISTORY),
+        model_path=str(out / outputs.MODEL), history_path=str(out / outputs.HISTORY),
         checkpoint_dir=str(ckdir), epochs=prog.epoch, best_epoch=prog.best_epoch,
         metric=cfg.early_stopping_metric, best_value=prog.best_value, resumed_from=resumed_from,
         stopped_early=prog.epoch < cfg.epochs, batch_size=prog.batch_size,
@@ -258,8 +289,8 @@ def epoch_done(callbacks: Sequence[Callback], epoch: int, row: dict) -> str | No
 def _build(params: Params, manifest, policy, device, precision,
            world: ddp.World) -> tuple[Loop, dict]:
     cfg = params.train
-    fmt = recipe.memory_format(cfg.channels_last, precision)
-    model, spec = recipe.create_model(params.model, manifest)
+    fmt = setup.memory_format(cfg.channels_last, precision)
+    model, spec = setup.create_model(params.model, manifest)
     model.to(device=device, memory_format=fmt)
     augment = transforms.make_batch_augment(policy, len(manifest["classes"]))
     train_data, val_data = load_images(params.paths.prepared, device, fmt, cfg.device_data_mb)
@@ -269,7 +300,7 @@ def _build(params: Params, manifest, policy, device, precision,
     loop = Loop(
         cfg=cfg, device=device, amp=AMP[precision], fmt=fmt, model=model,
         forward=_forward(model, cfg, world, device),
-        opt=recipe.optimizer(model, cfg),
+        opt=setup.optimizer(model, cfg),
         scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
         ema=ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema else None,
         # transforms hands back its identity function when the policy changes nothing: then
@@ -297,12 +328,12 @@ def _build(params: Params, manifest, policy, device, precision,
 def _forward(model: torch.nn.Module, cfg, world: ddp.World, device: torch.device):
     """What the training step calls: the model, in DDP on several devices, compiled if asked."""
     net = ddp.wrap(model, world, device) if world.distributed else model
-    return recipe.compiled(net) if cfg.compile else net
+    return setup.compiled(net) if cfg.compile else net
 
 
 def _resume_state(cfg, ckdir: Path, fingerprint: dict, world: ddp.World) -> dict | None:
     """last.pt when it continues this run; every rank reads the same file, rank 0 wrote it."""
-    last = ckdir / files.LAST
+    last = ckdir / outputs.LAST
     saved = ckpt.load(last) if cfg.resume == "auto" and last.exists() else None
     if saved is not None:
         changed = ckpt.changes(saved.get("fingerprint", {}), fingerprint)
@@ -344,7 +375,7 @@ def _train_epoch(loop: Loop, prog: Progress, epoch: int, ckdir: Path):
     # The order is the same on every rank; augmentation and dropout draw per rank. Both follow
     # from (seed, epoch), so a run resumed at an epoch boundary continues the same sequence.
     perm = loop.order(cfg.seed, epoch).to(data.index_device)
-    recipe.seed(batches.epoch_seed(cfg.seed, epoch, world.rank))
+    setup.seed(batches.epoch_seed(cfg.seed, epoch, world.rank))
     loss_sum = torch.zeros((), device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     good = torch.zeros((), device=dev)
@@ -355,7 +386,7 @@ def _train_epoch(loop: Loop, prog: Progress, epoch: int, ckdir: Path):
         if len(batch) < world.size:
             break  # a last batch too small to share: at most devices-1 images skipped
         idx = batches.share(batch, world.rank, world.size)
-        lr = recipe.learning_rate(cfg, epoch - 1 + (i + len(batch) / 2) / data.n)
+        lr = setup.learning_rate(cfg, epoch - 1 + (i + len(batch) / 2) / data.n)
         # DDP averages the ranks' gradients; this weight makes that the mean over the global
         # batch when the shares differ in size (a last, uneven batch). 1 otherwise.
         weight = world.size * len(idx) / len(batch)
@@ -557,7 +588,7 @@ def _check_finite(loop: Loop, prog: Progress, ckdir: Path) -> None:
     worst = int(loop.worst_run.item())
     if worst < loop.cfg.max_bad_steps:
         return
-    last = ckdir / files.LAST
+    last = ckdir / outputs.LAST
     kept = (f"the last good checkpoint is {last} (epoch {prog.epoch})" if last.exists()
             else "no checkpoint was written yet")
     raise NonFiniteLossError(
@@ -613,16 +644,16 @@ def _end_epoch(loop: Loop, prog: Progress, row: dict, ckdir: Path, fingerprint: 
         return  # every rank keeps the same Progress; rank 0 writes it
     if better:
         net = loop.ema.module if loop.ema is not None else loop.model
-        ckpt.save(ckdir / files.BEST, {"state_dict": net.state_dict(), "epoch": prog.epoch,
+        ckpt.save(ckdir / outputs.BEST, {"state_dict": net.state_dict(), "epoch": prog.epoch,
                                       "metrics": row})
-    ckpt.save(ckdir / files.LAST, {
+    ckpt.save(ckdir / outputs.LAST, {
         "fingerprint": fingerprint, "progress": asdict(prog),
         "model": loop.model.state_dict(), "optimizer": loop.opt.state_dict(),
         "ema": loop.ema.state_dict() if loop.ema is not None else None,
         "scaler": loop.scaler.state_dict() if loop.scaler is not None else None,
         "rng": ckpt.rng_state(),
     })
-    write_json(ckdir.parent / files.HISTORY, prog.history)
+    write_json(ckdir.parent / outputs.HISTORY, prog.history)
     val = "" if row["val_acc"] is None else (
         f" val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}")
     _say(f"epoch {prog.epoch}/{cfg.epochs} loss {row['train_loss']:.4f} "
@@ -647,22 +678,23 @@ def _write_outputs(params: Params, spec: dict, manifest: dict, loop: Loop,
     written again when a finished run is started again, so every output DVC expects is there
     after any invocation."""
     out = Path(params.paths.train)
-    best = ckpt.load(out / files.CHECKPOINTS / files.BEST)
+    best = ckpt.load(out / outputs.CHECKPOINTS / outputs.BEST)
     reference = _test_reference(params, manifest, loop, best["state_dict"], 2 * prog.batch_size)
-    ckpt.save(out / files.MODEL, ckpt.model_file(
+    ckpt.save(out / outputs.MODEL, ckpt.model_file(
         spec, manifest, best["state_dict"], epoch=best["epoch"], metrics=best["metrics"],
         ema=loop.ema is not None, **({"reference": reference} if reference else {})))
-    write_json(out / files.HISTORY, prog.history)
+    write_json(out / outputs.HISTORY, prog.history)
 
 
 @torch.no_grad()
 def _test_reference(params: Params, manifest: dict, loop: Loop, weights: dict,
                     batch_size: int) -> dict | None:
-    """What batch prediction compares new images with (components/drift.py), carried in model.pt:
-    the test split scored with the kept weights by evaluate's and predict's `checkpoint.score`
-    (fp32, the same normalisation; without evaluate.tta_flip, which drift.json notes when a
-    batch is scored with it). Measured here, after training, so that the model file alone holds
-    it (evaluate may not rewrite train's outputs); the weights were chosen on the validation
+    """What batch prediction compares new images with (components/data/drift.py), carried in
+    model.pt: the test split scored with the kept weights by evaluate's and predict's
+    `checkpoint.score` (fp32, the same normalisation; without evaluate.tta_flip, which drift.json
+    notes when a batch is scored with it). Measured here, after training, so that the model file
+    alone holds it (evaluate may not rewrite train's outputs); the weights were chosen on the
+    validation
     split, and nothing in training depends on this. None without a test split."""
     test = load_split(params.paths.prepared, "test")
     if len(test.y) == 0:
@@ -681,7 +713,7 @@ def _test_reference(params: Params, manifest: dict, loop: Loop, weights: dict,
 
 def _fingerprint(params: Params, manifest: dict, policy: dict) -> dict:
     """What last.pt must share with this run to be continued: settings that change the numbers,
-    the data, the policy, and the code of this step (components/step_code.py: its imports)."""
+    the data, the policy, and the code of this step (components/core/step_code.py: its imports)."""
     return dict(
         model=params.model.model_dump(mode="json"),
         train=params.train.model_dump(mode="json", exclude=SAME_RUN_KEYS),
@@ -694,15 +726,3 @@ def _fingerprint(params: Params, manifest: dict, policy: dict) -> dict:
 
 def _say(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> None:
-    if ddp.in_worker():  # started by ddp.launch: the parent that started it tracks
-        ddp.die_with_parent(signal.SIGKILL)  # a rank never outlives torchrun
-        run_step(ddp.record(train), argv, tracked=False)
-    else:
-        run_step(train, argv)
-
-
-if __name__ == "__main__":
-    main()

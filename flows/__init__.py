@@ -1,5 +1,2 @@
-"""The Prefect flows. `python -m flows.pipeline` imports this package before the flow's module:
-importing the components package runs components/preflight.py there (its __init__), which refuses
-bad settings or missing input data before Prefect, torch and the steps are imported."""
-
-import components  # noqa: F401  (under `python -m`, its __init__ runs the preflight once)
+"""The runners over the same steps: Prefect flows (pipeline.py, batch_predict.py), the Optuna
+search (search/), the Kubeflow pipeline (kubeflow/)."""

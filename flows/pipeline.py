@@ -1,12 +1,12 @@
 """training-pipeline: prepare → augment → train → evaluate → register → export as Prefect tasks.
 
 The tasks call the same component functions, with the same validated settings, as the DVC stages
-(`python -m components.<step>`), and track into one MLflow run the same way the steps' main()
+(`cnn-pipeline <step>`), and track into one MLflow run the same way the steps' main()
 functions do, so a flow run and `dvc repro` of the same params give the same outputs.
 
 Parameters: `params_file`; per params.yaml section, typed overrides (a form in the Prefect UI;
 empty fields keep the file's values); `overrides`, `section.key=value` strings as on the command
-line (null, lists and mappings too); all validated together like the file (flows/settings.py).
+line (null, lists and mappings too); all validated together like the file (flows/parameters.py).
 `skip_register` leaves out the register gate and export.
 
 - prepare is cached on what decides its output (flows/prepare_cache.py); a cached result counts
@@ -18,7 +18,7 @@ line (null, lists and mappings too); all validated together like the file (flows
 - Each run leaves a markdown artifact `training-summary`: metrics, registry decision, MLflow run.
 
     prefect deployment run 'training-pipeline/digits' --watch     # on a worker (prefect.yaml)
-    python -m flows.pipeline [--params params.yaml] [--set train.epochs=1 ...]   # here, now
+    cnn-pipeline pipeline [--params params.yaml] [--set train.epochs=1 ...]   # here, now
 """
 
 from __future__ import annotations
@@ -35,17 +35,17 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 from components import augment as augment_step
-from components import cli, files
 from components import evaluate as evaluate_step
 from components import export as export_step
 from components import prepare as prepare_step
 from components import register as register_step
 from components import train as train_step
-from components.params import DEFAULT_PARAMS, Params, UserError
-from components.prepared import class_names, read_manifest
-from components.tracking import tracked
+from components.core import outputs
+from components.core.params import DEFAULT_PARAMS, Params, UserError
+from components.data.dataset import class_names, read_manifest
+from components.tracking.run import tracked
 from flows import prepare_cache, run_tags
-from flows.settings import resolve, run_form, with_sections
+from flows.parameters import resolve, run_form, with_sections
 
 ARTIFACT_KEY = "training-summary"
 
@@ -135,7 +135,7 @@ def register_best(params: Params, deployment: str, parameters: dict[str, Any], r
     its files are on this host (returns register's decision), else as one more run of
     `deployment` with `parameters`, named `run_name` (train resumes there, or repeats exactly;
     returns that flow run's id and state)."""
-    if (Path(params.paths.evaluate) / files.METRICS).is_file():
+    if (Path(params.paths.evaluate) / outputs.METRICS).is_file():
         decision = register_model(params)
         export_model(params)  # as the training pipeline does after register
         return decision
@@ -236,19 +236,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = cli.parser("python -m flows.pipeline", __doc__)
-    parser.add_argument("--skip-register", action="store_true", help="train and evaluate only")
-    args = parser.parse_args(argv)
-    # Without PREFECT_API_URL, Prefect starts a temporary server for this run (its database in
-    # PREFECT_HOME). Its telemetry service printed an error, or a 50-line traceback when its
-    # database write failed as the server stopped: a run here reports nothing to Prefect.
+def run_here(params_file: str, overrides: list[str], skip_register: bool = False) -> dict:
+    """The flow in this process (`cnn-pipeline pipeline`): Prefect starts a temporary server for
+    the run when PREFECT_API_URL names none."""
+    # Its telemetry service printed an error, or a 50-line traceback when its database write
+    # failed as the server stopped: a run here reports nothing to Prefect.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    with cli.user_errors():
-        cli.load(args)  # refused here, before Prefect starts, with the steps' own message
-        summary = training_pipeline(args.params, args.overrides, skip_register=args.skip_register)
-    cli.show(summary)
-
-
-if __name__ == "__main__":
-    main()
+    return training_pipeline(params_file, overrides, skip_register=skip_register)

@@ -2,9 +2,9 @@
 
 The key hashes the data settings (all but `root`, a path string), the content of every file under
 `data.root` (not sizes and times: a copy that keeps modification times still changes the key), the
-code of the prepare step (components/step_code.py: its imports, as DVC's deps), and the versions
-of the libraries that decode and resize. The digits source is bundled with scikit-learn, so its
-files are not read.
+code of the prepare step (components/core/step_code.py: its imports, as DVC's deps), and the
+versions of the libraries that decode and resize. The digits source is bundled with scikit-learn, so
+its files are not read.
 
 A cached result is used only when the prepared folder is there with the manifest hashes recorded
 in the result; otherwise prepare runs again.
@@ -34,9 +34,10 @@ from typing import Any
 
 import yaml
 
-from components import files, prepared
-from components.params import DEFAULT_PARAMS, Params, UserError, load_params
-from components.step_code import code_hashes
+from components.core import outputs
+from components.core.params import DEFAULT_PARAMS, Params, UserError, load_params
+from components.core.step_code import code_hashes
+from components.data import dataset
 
 LIBRARIES = ("numpy", "pillow", "scikit-learn", "torchvision")
 
@@ -91,10 +92,10 @@ def still_valid(cached: dict[str, Any], params: Params) -> bool:
     """The cached result's output is in place: same manifest hashes, array files present."""
     root = Path(params.paths.prepared)
     try:
-        manifest = json.loads((root / files.MANIFEST).read_text())
+        manifest = json.loads((root / outputs.MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    arrays = [f(root, s) for s in prepared.SPLITS for f in (prepared.x_path, prepared.y_path)]
+    arrays = [f(root, s) for s in dataset.SPLITS for f in (dataset.x_path, dataset.y_path)]
     return manifest.get("hashes") == cached.get("hashes") and all(p.is_file() for p in arrays)
 
 
@@ -155,12 +156,12 @@ def prepare_unless_made(params: Params, record: Path) -> None:
     """Prepare, unless the prepared folder holds what these settings make (the key and the
     manifest's hashes recorded in `record` by the last call): the local search's cache, where
     Prefect's task cache is not."""
-    from components.atomic import write_json
+    from components.core.atomic import write_json
     from components.prepare import prepare
 
     recorded = json.loads(record.read_text()) if record.is_file() else {}
     key = cache_key(params)
     if recorded.get("key") != key or not still_valid(recorded, params):
         prepare(params)
-        write_json(record, {"key": key, "hashes": prepared.read_manifest(
+        write_json(record, {"key": key, "hashes": dataset.read_manifest(
             params.paths.prepared)["hashes"]})

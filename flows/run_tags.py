@@ -13,14 +13,14 @@ from typing import Any
 from mlflow import MlflowClient
 from prefect.runtime import deployment, flow_run
 
-from components import files
-from components.params import Params
-from components.tracking import shown
+from components.core import outputs
+from components.core.params import Params
+from components.core.secrets import shown
 
 
 def run_info(params: Params) -> dict[str, str] | None:
     """run_id, experiment_id, tracking_uri (without credentials) and a link to the run."""
-    path = Path(params.paths.train) / files.RUN
+    path = Path(params.paths.train) / outputs.RUN
     if not path.is_file():
         return None
     run = json.loads(path.read_text())
@@ -42,7 +42,7 @@ def flow_run_tags() -> dict[str, str]:
 
 
 def tag_run(params: Params, tags: dict[str, str]) -> None:
-    path = Path(params.paths.train) / files.RUN
+    path = Path(params.paths.train) / outputs.RUN
     if not tags or not path.is_file():
         return
     run = json.loads(path.read_text())

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from timm.models import register_model
 
-from components.params import Params
+from components.core.params import Params
 from tests.projects import BIN, Stack, committed_copy, tracking_into
 
 FAULT_ENV = "TEST_DDP_FAULT"  # error | oom | hang: what fake_fails_on_rank_1 does on rank 1
@@ -113,7 +113,7 @@ def fake_fails_on_rank_1(pretrained=False, **kwargs):
 def digits(tmp_path_factory) -> Path:
     """Digits prepared once by the real steps, and two policies: augment_none, augment_basic."""
     from components.augment import augment
-    from components.params import load_params
+    from components.core.params import load_params
     from components.prepare import prepare
 
     root = tmp_path_factory.mktemp("digits")
@@ -135,7 +135,7 @@ def imbalanced(digits: Path, tmp_path_factory) -> Path:
     an image folder (`folder`), then prepared (`prepared`) and augmented (`augment`, the default
     policy) by the real steps."""
     from components.augment import augment
-    from components.params import validate
+    from components.core.params import validate
     from components.prepare import prepare
     from tests.projects import IMBALANCED_DATA, imbalanced_digits
 
@@ -195,10 +195,10 @@ def registered(stack, digits, tmp_path_factory) -> Registered:
     """One digits pipeline (two epochs) run by the real steps and registered, with the SERVED
     settings, as `served-digits` on the stack's MLflow server: what the serving, export and model
     card tests share. MLFLOW_TRACKING_URI points there only while it runs."""
+    from components.core.params import validate
     from components.evaluate import evaluate
-    from components.params import validate
     from components.register import register
-    from components.tracking import tracked
+    from components.tracking.run import tracked
     from components.train import train
 
     root = tmp_path_factory.mktemp("registered")

@@ -401,7 +401,7 @@ def raw_name(folder: str | Path, name: bytes) -> Path:
 
 
 def unescape_name(text: str) -> bytes:
-    """The bytes of the name that components.images.file_name wrote as `text` (its inverse)."""
+    """The bytes of the name that components.data.images.file_name wrote as `text` (its inverse)."""
     return re.sub(rb"\\(\\|x([0-9a-f]{2}))",
                   lambda m: bytes.fromhex(m.group(2).decode()) if m.group(2) else b"\\",
                   text.encode())

@@ -31,7 +31,7 @@ SETTINGS = {  # the defaults, made small: digits, one epoch, small pictures
     "evaluate": {"mistakes": 4},
     "register": {"model_name": "tracked", "flush_timeout_s": 2},
 }
-PREPARE_STAGE = {"stages": {"prepare": {"cmd": "python -m components.prepare",
+PREPARE_STAGE = {"stages": {"prepare": {"cmd": "cnn-pipeline prepare",
                                         "params": ["data"], "outs": ["data/prepared"]}}}
 SKIP = ("tests/", "bench/", "infra/", ".ci/")  # not what a worker needs to run the flows
 CLONE = Path(".stack/workspace/cnn-pipeline")  # prefect.yaml: working_dir / clone name
@@ -52,7 +52,7 @@ def make_project(root: Path, settings: dict = SETTINGS, dvc: bool = True) -> Pat
     """params.yaml with prepared and augmented data; with `dvc`, a git repo with a DVC prepare
     stage, prepared by `dvc repro`."""
     from components.augment import augment
-    from components.params import load_params
+    from components.core.params import load_params
     from components.prepare import prepare
 
     root.mkdir(parents=True)
@@ -166,7 +166,7 @@ def imbalanced_digits(prepared: Path, root: Path, keep: float = 0.05, seed: int 
     import numpy as np
     from PIL import Image
 
-    from components.prepared import class_names, load_split, read_manifest
+    from components.data.dataset import class_names, load_split, read_manifest
 
     names = class_names(read_manifest(prepared))
     rng = np.random.default_rng(seed)

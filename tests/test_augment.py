@@ -1,5 +1,5 @@
 """The augment step and the runtime augmentation train applies (components/augment.py,
-components/transforms.py): every preset on 1- and 3-channel batches, per-sample randomness,
+components/training/transforms.py): every preset on 1- and 3-channel batches, per-sample randomness,
 flips only when allowed, soft targets, determinism, and the step on real prepared data (digits
 and CIFAR-10 pickles the test writes), through its function and its command line."""
 
@@ -17,12 +17,13 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from components import files
-from components.augment import AugmentResult, augment, main, preview_size, resolve_policy
-from components.params import Augment, ParamsError, UserError, load_params, validate
+from cnn_pipeline.cli import main as command
+from components.augment import AugmentResult, augment, preview_size, resolve_policy
+from components.core import outputs
+from components.core.params import Augment, ParamsError, UserError, load_params, validate
+from components.data.dataset import load_split, read_manifest
 from components.prepare import prepare
-from components.prepared import load_split, read_manifest
-from components.transforms import PerSampleOps, identity, load_policy, make_batch_augment
+from components.training.transforms import PerSampleOps, identity, load_policy, make_batch_augment
 from tests.formats import patterned, write_cifar10
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -251,7 +252,7 @@ def test_command_line_on_tiny_data(digits, tmp_path):
     settings = tmp_path / "params.yaml"
     settings.write_text(json.dumps({"paths": {**digits["paths"], "augment": str(tmp_path / "a")}}))
     done = subprocess.run(
-        [sys.executable, "-m", "components.augment", "--params", str(settings),
+        [sys.executable, "-m", "cnn_pipeline", "augment", "--params", str(settings),
          "--set", "augment.preset=trivialaugment", "--set", "augment.preview_images=2"],
         cwd=PROJECT, capture_output=True, text=True, timeout=120,
     )
@@ -267,7 +268,7 @@ def test_main_without_prepared_data_says_what_to_run(tmp_path, capsys):
     settings.write_text(json.dumps({"paths": {"prepared": str(tmp_path / "none"),
                                               "augment": str(tmp_path / "a")}}))
     with pytest.raises(SystemExit) as exit_:
-        main(["--params", str(settings)])
+        command(["augment", "--params", str(settings)])
     assert exit_.value.code == 2
     assert "run the prepare step" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
@@ -298,7 +299,7 @@ def test_repository_defaults_are_basic_without_flip_or_mixing():
 
 def test_missing_policy_tells_the_user_to_run_the_augment_step(tmp_path):
     with pytest.raises(UserError, match="run the augment step"):
-        load_policy(tmp_path / "augment" / files.POLICY)
+        load_policy(tmp_path / "augment" / outputs.POLICY)
 
 
 def test_stale_policy_is_refused(digits):

@@ -2,13 +2,12 @@
 same global batch; one MLflow run and one checkpoint set; a rank that fails, runs out of memory or
 hangs ends both ranks with an error naming it, the last checkpoint intact, and the run resumes.
 
-Data: scikit-learn's digits (8×8×1, 1295 training images) through the real prepare step, once.
-Every DDP run is the real entry point in a fresh process, as a user starts it, tracked in an
-SQLite MLflow store in the test's folder. The failing model is registered with timm in
-conftest.py; the process that launches torchrun imports that module, so the workers import it too
-(components.ddp passes the module that registers a model on to them), and the model fails only on
-rank 1, only in epoch 2 (after 25 training steps of that rank: 21 per epoch), only when FAULT_ENV
-says how.
+Data: scikit-learn's digits (8×8×1, 1295 training images) through the real prepare step, once. Every
+DDP run is the real entry point in a fresh process, as a user starts it, tracked in an SQLite MLflow
+store in the test's folder. The failing model is registered with timm in conftest.py; the process
+that launches torchrun imports that module, so the workers import it too (components.training.ddp
+passes the module that registers a model on to them), and the model fails only on rank 1, only in
+epoch 2 (after 25 training steps of that rank: 21 per epoch), only when FAULT_ENV says how.
 """
 
 from __future__ import annotations
@@ -26,10 +25,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from components import checkpoint as ckpt
-from components import ddp, files
-from components.params import load_params
+from components.core import outputs
+from components.core.params import load_params
 from components.train import StopTraining, epoch_done, train
+from components.training import checkpoint as ckpt
+from components.training import ddp
 from tests.conftest import FAULT_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,10 +57,10 @@ def settings(folder: Path, data: Path, *overrides: str):
 
 def command(path: Path, *overrides: str, fault: str | None = None,
             timeout_s: int | None = None) -> tuple[list[str], dict[str, str]]:
-    """(argv, environment) of `python -m components.train` as a user runs it, after importing
+    """(argv, environment) of `cnn-pipeline train` as a user runs it, after importing
     this module (for its models)."""
-    start = "import tests.conftest; from components.train import main; main()"
-    args = [sys.executable, "-c", start, "--params", str(path)]
+    start = "import tests.conftest; from cnn_pipeline.cli import main; main()"
+    args = [sys.executable, "-c", start, "train", "--params", str(path)]
     for item in overrides:
         args += ["--set", item]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{path.parent / 'mlflow.db'}",
@@ -157,12 +157,13 @@ def test_one_mlflow_run_and_one_checkpoint_set(two_processes):
     assert run.data.metrics["val_loss"] == last_row["val_loss"]
     assert run.data.tags["train.device"] == "cpu"
     out = folder / "train"
-    assert sorted(p.name for p in (out / files.CHECKPOINTS).iterdir()) == [
-        files.BEST, files.BEST + files.HASH_SUFFIX, files.LAST, files.LAST + files.HASH_SUFFIX]
-    assert sorted(p.name for p in out.glob("*.pt*")) == [files.MODEL,
-                                                          files.MODEL + files.HASH_SUFFIX]
-    assert ckpt.load(out / files.CHECKPOINTS / files.LAST)["progress"]["epoch"] == 2
-    assert json.loads((out / files.RUN).read_text())["run_id"] == run.info.run_id
+    assert sorted(p.name for p in (out / outputs.CHECKPOINTS).iterdir()) == [
+        outputs.BEST, outputs.BEST + outputs.HASH_SUFFIX, outputs.LAST, outputs.LAST +
+        outputs.HASH_SUFFIX]
+    assert sorted(p.name for p in out.glob("*.pt*")) == [outputs.MODEL,
+                                                          outputs.MODEL + outputs.HASH_SUFFIX]
+    assert ckpt.load(out / outputs.CHECKPOINTS / outputs.LAST)["progress"]["epoch"] == 2
+    assert json.loads((out / outputs.RUN).read_text())["run_id"] == run.info.run_id
 
 
 @pytest.mark.slow
@@ -179,7 +180,7 @@ def test_a_failing_rank_ends_both_keeps_the_last_checkpoint_and_the_run_resumes(
     assert "failed on rank 1: " in error and said in error
     log = Path(error.split("Rank 1's log: ")[1].split()[0])
     assert log.is_file() and said.split(": ")[-1] in log.read_text()
-    last = tmp_path / "train" / files.CHECKPOINTS / files.LAST
+    last = tmp_path / "train" / outputs.CHECKPOINTS / outputs.LAST
     assert str(last) in error
     assert ckpt.load(last)["progress"]["epoch"] == 1  # sha256 checked: whole, from epoch 1
 
@@ -225,7 +226,7 @@ def test_sigkill_of_the_command_ends_torchrun_and_every_rank(tmp_path, data):
                             stderr=subprocess.DEVNULL)
     family: list[int] = []
     try:
-        history, deadline = tmp_path / "train" / files.HISTORY, time.monotonic() + BOUND_S
+        history, deadline = tmp_path / "train" / outputs.HISTORY, time.monotonic() + BOUND_S
         while not history.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)  # the ranks have trained an epoch
         family = _children(proc.pid)
@@ -250,7 +251,8 @@ def test_a_hung_rank_ends_the_run_after_the_collective_timeout(tmp_path, data):
     assert failed.returncode == 2, failed.stderr
     error = failed.stderr[failed.stderr.index("error: training on 2 processes failed"):]
     assert "failed on rank 0: " in error and "lost touch with another rank" in error
-    assert ckpt.load(tmp_path / "train" / files.CHECKPOINTS / files.LAST)["progress"]["epoch"] == 1
+    last = tmp_path / "train" / outputs.CHECKPOINTS / outputs.LAST
+    assert ckpt.load(last)["progress"]["epoch"] == 1
 
 
 class Heard:
@@ -272,8 +274,9 @@ def test_epochs_written_just_before_the_workers_fail_still_reach_the_callbacks(t
     epochs before it reports the failure, so a resumed run's metrics have no gap."""
     write = ("import json, pathlib, sys; out = pathlib.Path(sys.argv[1]); "
              "(out / 'ddp').mkdir(parents=True); "
-             f"(out / 'ddp' / {files.STARTED!r}).write_text(json.dumps({{'resumed_from': 0}})); "
-             f"(out / {files.HISTORY!r}).write_text(json.dumps([{{'epoch': 1}}, {{'epoch': 2}}])); "
+             f"(out / 'ddp' / {outputs.STARTED!r}).write_text(json.dumps({{'resumed_from': 0}})); "
+             f"(out / {outputs.HISTORY!r})"
+             ".write_text(json.dumps([{'epoch': 1}, {'epoch': 2}])); "
              "sys.exit(1)")
     heard = Heard()
     proc = subprocess.Popen([sys.executable, "-c", write, str(tmp_path)])

@@ -19,14 +19,16 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from components import checkpoint as ckpt
-from components import drift, files
+from cnn_pipeline.cli import main as command
+from components.core import outputs
+from components.core.params import Params, Predict, validate
+from components.data import drift
+from components.data.dataset import load_split
+from components.data.images import Seen, decode_seen
 from components.evaluate import evaluate
-from components.images import Seen, decode_seen
-from components.params import Params, Predict, validate
-from components.predict import main, predict
-from components.prepared import load_split
+from components.predict import predict
 from components.train import train
+from components.training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,8 +96,8 @@ def scored(params: Params, folder: Path, out: Path, model: str | None = None, **
     params = params.model_copy(update={
         "paths": params.paths.model_copy(update={"predictions": out}),
         "predict": params.predict.model_copy(update=predict_cfg)})
-    result = predict(params, folder, model or str(Path(params.paths.train) / files.MODEL))
-    assert Path(result.drift) == out / files.DRIFT and Path(result.predictions).parent == out
+    result = predict(params, folder, model or str(Path(params.paths.train) / outputs.MODEL))
+    assert Path(result.drift) == out / outputs.DRIFT and Path(result.predictions).parent == out
     return result, json.loads(Path(result.drift).read_text())
 
 
@@ -157,8 +159,8 @@ def test_fail_on_drift_exits_non_zero_with_predictions_written(trained, colour, 
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
 
     def run(*overrides: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "components.predict", "--folder", str(colour),
-               "--model", str(Path(trained.paths.train) / files.MODEL), "--params", str(params),
+        cmd = [sys.executable, "-m", "cnn_pipeline", "predict", "--folder", str(colour),
+               "--model", str(Path(trained.paths.train) / outputs.MODEL), "--params", str(params),
                "--set", f"paths.predictions={out}", *[a for o in overrides for a in ("--set", o)]]
         return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=300)
@@ -170,9 +172,9 @@ def test_fail_on_drift_exits_non_zero_with_predictions_written(trained, colour, 
     assert failed.returncode == 2, failed.stderr
     assert "error: drift in" in failed.stderr and "confidence_drop" in failed.stderr
     assert "predict.fail_on_drift" in failed.stderr
-    with open(out / files.PREDICTIONS) as f:
+    with open(out / outputs.PREDICTIONS) as f:
         assert len(f.readlines()) == 1 + 72  # every picture scored, and kept
-    assert json.loads((out / files.DRIFT).read_text())["drift"] is True
+    assert json.loads((out / outputs.DRIFT).read_text())["drift"] is True
 
     # Each batch is an MLflow run of its own in the default store: figures, verdict, files.
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -183,7 +185,7 @@ def test_fail_on_drift_exits_non_zero_with_predictions_written(trained, colour, 
         assert run_.data.metrics["drift"] == 1.0 and run_.data.metrics["scored"] == 72
         assert run_.data.metrics["drift.confidence_drop"] > 0.1
         logged = {a.path for a in client.list_artifacts(run_.info.run_id, "predictions")}
-        assert {f"predictions/{files.DRIFT}", f"predictions/{files.PREDICTIONS}"} <= logged
+        assert {f"predictions/{outputs.DRIFT}", f"predictions/{outputs.PREDICTIONS}"} <= logged
 
 
 @pytest.mark.parametrize("override,key", [
@@ -201,7 +203,7 @@ def test_bad_thresholds_are_refused_before_any_work(trained, colour, tmp_path, m
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(trained.model_dump(mode="json")))
     with pytest.raises(SystemExit) as exit_:
-        main(["--folder", str(colour), "--params", str(params), "--set",
+        command(["predict", "--folder", str(colour), "--params", str(params), "--set",
               f"paths.predictions={tmp_path / 'out'}", "--set", override])
     assert exit_.value.code == 2
     assert key + " = " in capsys.readouterr().err
@@ -209,8 +211,8 @@ def test_bad_thresholds_are_refused_before_any_work(trained, colour, tmp_path, m
 
 
 def test_a_model_file_without_a_reference_still_scores(trained, like_test, tmp_path):
-    saved = ckpt.load(Path(trained.paths.train) / files.MODEL)
-    old = ckpt.save(tmp_path / files.MODEL, {k: v for k, v in saved.items() if k != "reference"})
+    saved = ckpt.load(Path(trained.paths.train) / outputs.MODEL)
+    old = ckpt.save(tmp_path / outputs.MODEL, {k: v for k, v in saved.items() if k != "reference"})
     result, report = scored(trained, like_test, tmp_path / "out", model=str(old))
     assert result.scored == 240 and report["drift"] is False
     figures = report["figures"]
@@ -224,13 +226,13 @@ def test_a_model_file_without_a_reference_still_scores(trained, like_test, tmp_p
 
 
 def test_the_reference_travels_in_model_pt_and_evaluate_measures_the_same(trained, splits):
-    _, meta = ckpt.load_model(Path(trained.paths.train) / files.MODEL)
+    _, meta = ckpt.load_model(Path(trained.paths.train) / outputs.MODEL)
     ref = meta["reference"]
     test = splits["test"]
     assert ref["n"] == len(test.y) and ref["tta_flip"] is False
     assert sum(ref["classes"].values()) == pytest.approx(1.0, abs=1e-5)
     assert ref["confidence"]["low_share"] == pytest.approx(0.05, abs=0.01)
-    saved = json.loads((Path(trained.paths.evaluate) / files.REFERENCE).read_text())
+    saved = json.loads((Path(trained.paths.evaluate) / outputs.REFERENCE).read_text())
     assert {k: v for k, v in saved.items() if k != "test"} == {
         k: v for k, v in drift.carried(meta).items() if k != "test"}
     assert saved["test"]["classes"] == ref["classes"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import files
+from components.core import outputs
 from tests.projects import sh
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def set_param(repo: Path, section: str, key: str, value) -> None:
 def test_prepare_stage_runs_once_then_again_when_data_settings_change(repo):
     out = sh(["dvc", "repro", "prepare"], repo)
     assert "Running stage 'prepare'" in out
-    manifest = repo / "data/prepared" / files.MANIFEST
+    manifest = repo / "data/prepared" / outputs.MANIFEST
     first = json.loads(manifest.read_text())
     assert first["source"] == "digits" and sum(first["num"].values()) == 1797
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -76,7 +76,7 @@ def test_prepare_stage_reruns_when_the_image_folder_changes(repo):
 
     Image.new("RGB", (30, 30), (0, 0, 250)).save(folder / "blue" / "new.png")
     assert "Running stage 'prepare'" in sh(["dvc", "repro", "prepare"], repo)
-    manifest = json.loads((repo / "data/prepared" / files.MANIFEST).read_text())
+    manifest = json.loads((repo / "data/prepared" / outputs.MANIFEST).read_text())
     assert manifest["files"]["prepared"] == 11
 
 
@@ -86,11 +86,11 @@ def test_whole_pipeline_runs_once_and_an_experiment_reruns_only_what_changed(rep
     out = sh(["dvc", "repro"], repo)
     for stage in ("prepare", "augment", "train", "evaluate", "register", "export"):
         assert f"Running stage '{stage}'" in out
-    metrics = json.loads((repo / "outputs/evaluate" / files.METRICS).read_text())
+    metrics = json.loads((repo / "outputs/evaluate" / outputs.METRICS).read_text())
     assert 0.0 < metrics["accuracy"] <= 1.0
-    decision = json.loads((repo / "outputs/register" / files.DECISION).read_text())
+    decision = json.loads((repo / "outputs/register" / outputs.DECISION).read_text())
     assert decision["version"]
-    exported = json.loads((repo / "outputs/export" / files.EXPORT).read_text())
+    exported = json.loads((repo / "outputs/export" / outputs.EXPORT).read_text())
     assert exported["version"] == decision["version"] and exported["passed"]
 
     assert "Running stage" not in sh(["dvc", "repro"], repo)
@@ -103,8 +103,8 @@ def test_whole_pipeline_runs_once_and_an_experiment_reruns_only_what_changed(rep
     ran = {s for s in ("prepare", "augment", "train", "evaluate", "register", "export")
            if f"Running stage '{s}'" in out}
     assert ran == {"train", "evaluate", "register", "export"}
-    refused = json.loads((repo / "outputs/register" / files.DECISION).read_text())
-    exported = json.loads((repo / "outputs/export" / files.EXPORT).read_text())
+    refused = json.loads((repo / "outputs/register" / outputs.DECISION).read_text())
+    exported = json.loads((repo / "outputs/export" / outputs.EXPORT).read_text())
     assert not refused["promoted"] and refused["version"] != decision["version"]
     assert exported["version"] == decision["version"] and "champion" in exported["aliases"]
     assert exported["registered_by_this_run"] == refused["version"]
@@ -149,7 +149,7 @@ def registry_state(repo: Path) -> tuple[str, list[str], str]:
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    run_id = json.loads((repo / "outputs/train" / files.RUN).read_text())["run_id"]
+    run_id = json.loads((repo / "outputs/train" / outputs.RUN).read_text())["run_id"]
     versions = sorted(v.version for v in client.search_model_versions(
         "name = 'digits-classifier'"))
     challenger = client.get_model_version_by_alias("digits-classifier", "challenger").version
@@ -160,26 +160,26 @@ def test_a_finished_run_forced_again_is_reused_and_a_code_edit_retrains_saying_w
     set_param(repo, "train", "epochs", 2)
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "two epochs"], repo)
     repro(repo)
-    metrics = (repo / "outputs/evaluate" / files.METRICS).read_text()
+    metrics = (repo / "outputs/evaluate" / outputs.METRICS).read_text()
     state = registry_state(repo)
     assert state[1] == [state[2]]  # one version, the challenger
 
     for _ in range(2):  # what a user doubting the cache runs, as often as they like
         out = repro(repo, "--force")
         assert "after epoch 2: finished: nothing to train" in out
-        assert (repo / "outputs/evaluate" / files.METRICS).read_text() == metrics
+        assert (repo / "outputs/evaluate" / outputs.METRICS).read_text() == metrics
         assert registry_state(repo) == state  # no new run, no new version, challenger stays
     from mlflow import MlflowClient
 
     record = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_run(state[0])
     assert record.data.metrics["train.seconds"] > 0  # the run's record of its training stands
 
-    recipe = repo / "components/recipe.py"
+    recipe = repo / "components/training/setup.py"
     recipe.write_text(recipe.read_text() + "# a one-line edit\n")
     out = repro(repo)
     assert "Running stage 'train'" in out
-    assert "changed: code.components/recipe.py); starting fresh" in out
-    rows = json.loads((repo / "outputs/train" / files.HISTORY).read_text())
+    assert "changed: code.components/training/setup.py); starting fresh" in out
+    rows = json.loads((repo / "outputs/train" / outputs.HISTORY).read_text())
     assert [r["epoch"] for r in rows] == [1, 2]  # trained again from epoch 1
     run_id, versions, _ = registry_state(repo)
     assert run_id != state[0] and len(versions) == 2  # a new model: a new run and version

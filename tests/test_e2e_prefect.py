@@ -20,7 +20,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from components import files
+from components.core import outputs
 from tests.projects import CLONE, Stack, git
 from tests.servers import api_post
 
@@ -54,7 +54,7 @@ def test_deployment_run_on_a_worker_tracks_and_registers(stack):
     assert run.data.params["train.epochs"] == "1" and 0.1 < run.data.metrics["accuracy"] <= 1
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1]
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
-    assert {f"evaluate/{files.METRICS}", f"evaluate/{files.CONFUSION_PNG}"} <= logged
+    assert {f"evaluate/{outputs.METRICS}", f"evaluate/{outputs.CONFUSION_PNG}"} <= logged
     summary = _artifact(stack, flow_run, "training-summary")
     assert run.info.run_id in summary and "champion" in summary
     # The Run form: the deployed params.yaml's values, not the parameters a search sets.
@@ -70,7 +70,7 @@ def test_killed_worker_rerun_resumes_training_and_registers_once(stack):
     folder = "outputs/killed"
     params = {"paths": {s: f"{folder}/{s}" for s in ("augment", "train", "evaluate", "register")},
               "train": {"epochs": 40}, "register": {"model_name": "killed-classifier"}}
-    history = stack.workers / CLONE / folder / "train" / files.HISTORY
+    history = stack.workers / CLONE / folder / "train" / outputs.HISTORY
     with stack.worker("w2") as worker:
         stack.run_deployment("training-pipeline/digits", params, watch=False)
         deadline = time.monotonic() + 600
@@ -119,15 +119,15 @@ def test_flow_and_dvc_repro_give_the_same_metrics(stack, tmp_path):
     env = {k: v for k, v in stack.env.items() if k != "MLFLOW_TRACKING_URI"}  # embedded store
     subprocess.run(["dvc", "repro"], cwd=repo, env=env, check=True, capture_output=True,
                    timeout=600)
-    by_dvc = json.loads((repo / "outputs/evaluate" / files.METRICS).read_text())
+    by_dvc = json.loads((repo / "outputs/evaluate" / outputs.METRICS).read_text())
 
     moved = [f"--set=paths.{s}=flow/{s}" for s in
              ("prepared", "augment", "train", "evaluate", "register")]
     # As a user runs it without a server: Prefect's temporary one, which prints nothing of its own.
     alone = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
     alone["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    done = subprocess.run([sys.executable, "-m", "flows.pipeline", *moved], cwd=repo, env=alone,
-                          check=True, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "cnn_pipeline", "pipeline", *moved], cwd=repo,
+                          env=alone, check=True, capture_output=True, text=True, timeout=600)
     assert "Traceback" not in done.stderr and "| ERROR" not in done.stderr, done.stderr[-3000:]
-    by_flow = json.loads((repo / "flow/evaluate" / files.METRICS).read_text())
+    by_flow = json.loads((repo / "flow/evaluate" / outputs.METRICS).read_text())
     assert by_flow == by_dvc

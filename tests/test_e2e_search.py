@@ -13,14 +13,14 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from components import files
+from components.core import outputs
 from tests.projects import CLONE, Stack
 from tests.servers import api_post
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 MODEL = "search-classifier"
-STORAGE = "outputs/search/" + files.STUDY_DB  # the default: paths.search in the workers' clone
+STORAGE = "outputs/search/" + outputs.STUDY_DB  # the default: paths.search in the workers' clone
 PARAMS = {
     "search": {"parallel": 2, "sampler": "grid", "seed": 4, "pruner": "median",
                "startup_trials": 1, "min_epochs": 1,
@@ -76,7 +76,7 @@ def test_the_grid_is_searched_once_pruned_nested_and_its_best_registered_once(st
     client = MlflowClient(stack.mlflow)
     experiment = client.get_experiment_by_name(MODEL)
     parent, = client.search_runs([experiment.experiment_id],
-                                 filter_string="tags.`mlflow.source.name` = 'flows.search'")
+                                 filter_string="tags.`mlflow.source.name` = 'flows.search.workers'")
     runs = {t.number: client.get_run(t.user_attrs["mlflow_run"]) for t in done}
     for number, run in runs.items():
         trial = study.trials[number]
@@ -87,7 +87,7 @@ def test_the_grid_is_searched_once_pruned_nested_and_its_best_registered_once(st
     best = study.best_trial
     assert runs[best.number].data.metrics["val_acc"] == best.value  # the value MLflow shows
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
-    assert {f"search/{name}" for name in (files.HISTORY_PNG, files.PARALLEL_PNG,
-                                          files.TRIALS_CSV)} <= logged
+    assert {f"search/{name}" for name in (outputs.HISTORY_PNG, outputs.PARALLEL_PNG,
+                                          outputs.TRIALS_CSV)} <= logged
     versions = client.search_model_versions(f"name = '{MODEL}'")
     assert [v.run_id for v in versions] == [runs[best.number].info.run_id]

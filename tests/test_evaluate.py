@@ -24,14 +24,16 @@ import yaml
 from PIL import Image
 from timm.models import register_model
 
-from components import checkpoint, files
-from components.evaluate import _calibration, evaluate, main
-from components.models import create_model
-from components.params import ParamsError, UserError, load_params, validate
+from cnn_pipeline.cli import main as command
+from components.core import outputs
+from components.core.params import ParamsError, UserError, load_params, validate
+from components.evaluate import _calibration, evaluate
+from components.training import checkpoint
+from components.training.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = 8.0
-FILES = set(files.EVALUATE)
+FILES = set(outputs.EVALUATE)
 
 
 class Readout(torch.nn.Module):
@@ -55,7 +57,7 @@ def readout(pretrained: bool = False, num_classes: int = 10, in_chans: int = 1, 
 
 
 def write_prepared(root: Path, x: np.ndarray, y: np.ndarray, n_classes: int) -> list[str]:
-    """The prepared format (components/prepared.py) with x as every split; mean 0, std 1 so the
+    """The prepared format (components/data/dataset.py) with x as every split; mean 0, std 1 so the
     model sees pixel/255."""
     root.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val", "test"):
@@ -66,13 +68,13 @@ def write_prepared(root: Path, x: np.ndarray, y: np.ndarray, n_classes: int) -> 
     manifest = {"classes": [{"index": i, "name": n} for i, n in enumerate(names)],
                 "image_size": list(x.shape[1:3]), "channels": c, "mean": [0.0] * c,
                 "std": [1.0] * c, "resize": "crop", "source": "test"}
-    (root / files.MANIFEST).write_text(json.dumps(manifest))
+    (root / outputs.MANIFEST).write_text(json.dumps(manifest))
     return names
 
 
 def write_model(path: Path, model: torch.nn.Module, name: str, kwargs: dict, manifest: dict,
                 epoch: int = 2) -> None:
-    """A model.pt in train's format (what components.checkpoint.load_model reads)."""
+    """A model.pt in train's format (what components.training.checkpoint.load_model reads)."""
     checkpoint.save(path, {
         "format": checkpoint.MODEL_FORMAT, "model": {"name": name, "kwargs": kwargs},
         "classes": [c["name"] for c in manifest["classes"]], "image_size": manifest["image_size"],
@@ -100,10 +102,10 @@ def make_case(tmp_path: Path, n: int = 97, n_classes: int = 6, mode: str = "rows
     with torch.no_grad():
         model.scale.fill_(SCALE)
     (tmp_path / "train").mkdir()
-    manifest = json.loads((tmp_path / "prepared" / files.MANIFEST).read_text())
-    write_model(tmp_path / "train" / files.MODEL, model, "readout",
+    manifest = json.loads((tmp_path / "prepared" / outputs.MANIFEST).read_text())
+    write_model(tmp_path / "train" / outputs.MODEL, model, "readout",
                 {"num_classes": n_classes, "in_chans": 1, "img_size": 8, "mode": mode}, manifest)
-    write_history(tmp_path / "train" / files.HISTORY)
+    write_history(tmp_path / "train" / outputs.HISTORY)
     return params_for(tmp_path, **evaluate_settings), x, y, names
 
 
@@ -139,7 +141,7 @@ def test_metrics_match_an_independent_computation(tmp_path):
     params, x, y, names = make_case(tmp_path)
     result = evaluate(params)
     out = tmp_path / "evaluate"
-    metrics = json.loads((out / files.METRICS).read_text())
+    metrics = json.loads((out / outputs.METRICS).read_text())
 
     p = expected_probs(x, len(names), "rows", tta=False)
     pred, conf = p.argmax(1), p.max(1)
@@ -158,7 +160,7 @@ def test_metrics_match_an_independent_computation(tmp_path):
     assert metrics["macro_f1"] == pytest.approx(f1.mean(), abs=1e-6)
     assert metrics["balanced_accuracy"] == pytest.approx(recall.mean(), abs=1e-6)
     # The per-class figures and their averages are the report's, not metrics.json's.
-    report = json.loads((out / files.REPORT_JSON).read_text())
+    report = json.loads((out / outputs.REPORT_JSON).read_text())
     assert report["weighted avg"]["f1-score"] == pytest.approx(f1 @ support / support.sum(),
                                                                abs=1e-6)
     assert report["macro avg"]["precision"] == pytest.approx(precision.mean(), abs=1e-6)
@@ -175,17 +177,17 @@ def test_metrics_match_an_independent_computation(tmp_path):
                                                - conf[inside].mean())
     assert metrics["ece"] == pytest.approx(ece, abs=1e-6) and result.ece == metrics["ece"]
 
-    rows = read_csv(out / files.PREDICTIONS)
+    rows = read_csv(out / outputs.PREDICTIONS)
     assert [int(r["index"]) for r in rows] == list(range(len(y)))
     assert [r["true"] for r in rows] == [names[i] for i in y]
     assert [r["predicted"] for r in rows] == [names[i] for i in pred]
     assert np.allclose([float(r["confidence"]) for r in rows], conf, atol=1e-6)
-    confusion = read_csv(out / files.CONFUSION_CSV)
+    confusion = read_csv(out / outputs.CONFUSION_CSV)
     assert [(r["actual"], r["predicted"]) for r in confusion] == [
         (names[t], names[q]) for t, q in zip(y, pred, strict=True)]
-    calibration = read_csv(out / files.CALIBRATION_CSV)
+    calibration = read_csv(out / outputs.CALIBRATION_CSV)
     assert sum(int(r["count"]) for r in calibration) == len(y)
-    report = json.loads((out / files.REPORT_JSON).read_text())
+    report = json.loads((out / outputs.REPORT_JSON).read_text())
     assert report[names[0]]["support"] == support[0]
 
 
@@ -204,9 +206,9 @@ def test_ece_on_a_hand_made_case():
 def test_top5_only_with_five_classes_or_more(tmp_path):
     params, *_ = make_case(tmp_path, n=30, n_classes=3)
     result = evaluate(params)
-    metrics = json.loads((tmp_path / "evaluate" / files.METRICS).read_text())
+    metrics = json.loads((tmp_path / "evaluate" / outputs.METRICS).read_text())
     assert "top5" not in metrics and result.top5 is None
-    assert "top-5" not in (tmp_path / "evaluate" / files.REPORT_TXT).read_text()
+    assert "top-5" not in (tmp_path / "evaluate" / outputs.REPORT_TXT).read_text()
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -239,9 +241,9 @@ def test_every_file_is_written_and_logged_and_pictures_are_valid(tmp_path):
             with Image.open(out / name) as img:
                 img.verify()
                 assert img.format == "PNG" and min(img.size) >= 100
-    metrics = json.loads((out / files.METRICS).read_text())
+    metrics = json.loads((out / outputs.METRICS).read_text())
     assert tracker.metrics["accuracy"] == metrics["accuracy"]
-    report = json.loads((out / files.REPORT_JSON).read_text())
+    report = json.loads((out / outputs.REPORT_JSON).read_text())
     assert tracker.metrics["class_recall.class A"] == pytest.approx(report["class A"]["recall"])
     assert tracker.metrics["weighted_f1"] == pytest.approx(report["weighted avg"]["f1-score"])
     assert all(isinstance(v, float) for v in tracker.metrics.values())
@@ -252,7 +254,7 @@ def test_every_file_is_written_and_logged_and_pictures_are_valid(tmp_path):
 
 def test_no_gallery_and_no_history_still_give_every_picture(tmp_path):
     params, *_ = make_case(tmp_path, mistakes=0)
-    (tmp_path / "train" / files.HISTORY).unlink()
+    (tmp_path / "train" / outputs.HISTORY).unlink()
     evaluate(params)
     assert {p.name for p in (tmp_path / "evaluate").iterdir()} == FILES
 
@@ -263,9 +265,9 @@ def test_no_gallery_and_no_history_still_give_every_picture(tmp_path):
 def test_tta_flip_changes_nothing_for_a_flip_invariant_model(tmp_path):
     params, *_ = make_case(tmp_path, mode="rows")
     plain = evaluate(params)
-    before = read_csv(tmp_path / "evaluate" / files.PREDICTIONS)
+    before = read_csv(tmp_path / "evaluate" / outputs.PREDICTIONS)
     flipped = evaluate(params_for(tmp_path, tta_flip=True))
-    after = read_csv(tmp_path / "evaluate" / files.PREDICTIONS)
+    after = read_csv(tmp_path / "evaluate" / outputs.PREDICTIONS)
     assert [r["predicted"] for r in after] == [r["predicted"] for r in before]
     assert np.allclose([float(r["confidence"]) for r in after],
                        [float(r["confidence"]) for r in before], atol=1e-6)
@@ -277,7 +279,7 @@ def test_tta_flip_averages_with_the_mirror_image(tmp_path):
     params, x, _, names = make_case(tmp_path, mode="first_column", tta_flip=True)
     evaluate(params)
     p = expected_probs(x, len(names), "first_column", tta=True)
-    rows = read_csv(tmp_path / "evaluate" / files.PREDICTIONS)
+    rows = read_csv(tmp_path / "evaluate" / outputs.PREDICTIONS)
     assert [r["predicted"] for r in rows] == [names[i] for i in p.argmax(1)]
     assert np.allclose([float(r["confidence"]) for r in rows], p.max(1), atol=1e-6)
     # and differs from the unflipped answer, so the check above can tell them apart
@@ -300,8 +302,8 @@ def test_missing_model_and_empty_test_split_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="no test images"):
         evaluate(params)
     make_case(tmp_path / "again")
-    (tmp_path / "again/train" / files.MODEL).unlink()
-    with pytest.raises(UserError, match=f"{files.MODEL} does not exist"):
+    (tmp_path / "again/train" / outputs.MODEL).unlink()
+    with pytest.raises(UserError, match=f"{outputs.MODEL} does not exist"):
         evaluate(params_for(tmp_path / "again"))
 
 
@@ -319,13 +321,13 @@ def write_simple_cnn_case(tmp_path: Path) -> Path:
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, size=(40, 8, 8, 1), dtype=np.uint8)
     write_prepared(tmp_path / "prepared", x, rng.integers(0, 10, 40), 10)
-    manifest = json.loads((tmp_path / "prepared" / files.MANIFEST).read_text())
+    manifest = json.loads((tmp_path / "prepared" / outputs.MANIFEST).read_text())
     kwargs = {"num_classes": 10, "in_chans": 1, "img_size": 8}
     torch.manual_seed(0)
     (tmp_path / "train").mkdir()
-    write_model(tmp_path / "train" / files.MODEL, create_model("simple_cnn", **kwargs),
+    write_model(tmp_path / "train" / outputs.MODEL, create_model("simple_cnn", **kwargs),
                 "simple_cnn", kwargs, manifest)
-    write_history(tmp_path / "train" / files.HISTORY)
+    write_history(tmp_path / "train" / outputs.HISTORY)
     params = params_for(tmp_path).model_dump(mode="json")
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -333,12 +335,12 @@ def write_simple_cnn_case(tmp_path: Path) -> Path:
 
 
 def test_entry_point_runs_from_the_command_line(tmp_path, capsys):
-    """main() tracks into MLflow (components/tracking.py): here a SQLite store of the test's own."""
+    """The command tracks into MLflow (components/tracking/): a SQLite store of the test's own."""
     from mlflow import MlflowClient
 
     params = write_simple_cnn_case(tmp_path)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "components.evaluate", "--params", str(params)]
+    cmd = [sys.executable, "-m", "cnn_pipeline", "evaluate", "--params", str(params)]
     # Run from the test's folder: MLflow keeps a SQLite store's artifacts under ./mlruns.
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT)})
@@ -350,8 +352,8 @@ def test_entry_point_runs_from_the_command_line(tmp_path, capsys):
         [e.experiment_id for e in MlflowClient(store).search_experiments()])
     assert run.data.metrics["accuracy"] == summary["accuracy"]
 
-    with pytest.raises(SystemExit) as exit_:  # the same main(), in this process: faster
-        main(["--params", str(params), "--set", "evaluate.calibration_bins=0"])
+    with pytest.raises(SystemExit) as exit_:  # the same command, in this process: faster
+        command(["evaluate", "--params", str(params), "--set", "evaluate.calibration_bins=0"])
     assert exit_.value.code == 2
     assert "evaluate.calibration_bins = 0" in capsys.readouterr().err
 
@@ -377,17 +379,17 @@ def test_dvc_repro_gives_metrics_and_plots(tmp_path):
 
     assert "Running stage 'evaluate'" in dvc(["dvc", "repro", "evaluate"], repo)
     shown = json.loads(dvc(["dvc", "metrics", "show", "--json"], repo))
-    metrics = shown[""]["data"][f"outputs/evaluate/{files.METRICS}"]["data"]
+    metrics = shown[""]["data"][f"outputs/evaluate/{outputs.METRICS}"]["data"]
     assert metrics["n_test"] == 359 and 0.0 <= metrics["accuracy"] <= 1.0
     assert set(metrics) == {"accuracy", "balanced_accuracy", "macro_f1", "loss", "top5", "ece",
                             "n_test"}  # the per-class figures are in the report, not here
 
     plots = json.loads(dvc(["dvc", "plots", "show", "--json"], repo))["data"]
-    [confusion] = plots[f"outputs/evaluate/{files.CONFUSION_CSV}"]
+    [confusion] = plots[f"outputs/evaluate/{outputs.CONFUSION_CSV}"]
     assert confusion["type"] == "vega"
     assert len(confusion["content"]["data"]["values"]) == 359  # one row per test image, counted
-    assert plots[f"outputs/evaluate/{files.CALIBRATION_CSV}"][0]["type"] == "vega"
-    for name in [n for n in files.EVALUATE if n.endswith(".png")]:
+    assert plots[f"outputs/evaluate/{outputs.CALIBRATION_CSV}"][0]["type"] == "vega"
+    for name in [n for n in outputs.EVALUATE if n.endswith(".png")]:
         assert plots[f"outputs/evaluate/{name}"][0]["type"] == "image"
     dvc(["dvc", "plots", "show"], repo)
     html = (repo / "dvc_plots/index.html").read_text()

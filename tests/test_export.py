@@ -16,15 +16,15 @@ import torch
 from onnx import numpy_helper
 from PIL import Image
 
-from components import files
-from components.checkpoint import Classifier
+from components.core import outputs
+from components.core.params import Export, UserError
+from components.data.dataset import load_split
 from components.export import export, parity
-from components.models import create_model
-from components.onnx_model import OnnxClassifier, write_onnx
-from components.params import Export, UserError
-from components.prepared import load_split
 from components.register import register
-from components.tracking import Tracker, tracked
+from components.serving.onnx_model import OnnxClassifier, write_onnx
+from components.tracking.run import Tracker, tracked
+from components.training.checkpoint import Classifier
+from components.training.models import create_model
 from tests.projects import tracking_into
 
 META = {"format": "test", "model": {"name": "simple_cnn", "kwargs": {}}, "classes": ["a", "b", "c"],
@@ -44,7 +44,7 @@ def altered(src: Path, dst: Path, scale: float = 1.5) -> Path:
 def test_an_export_carries_its_meta_takes_any_batch_and_agrees(tmp_path):
     torch.manual_seed(0)
     net = create_model("simple_cnn", num_classes=3, in_chans=1, img_size=8).eval()
-    path = write_onnx(net, META, tmp_path / files.ONNX, opset=18)
+    path = write_onnx(net, META, tmp_path / outputs.ONNX, opset=18)
     model = OnnxClassifier(path)
     assert model.meta["classes"] == ["a", "b", "c"] and model.meta["resize"] == "pad"
     assert model.meta["reference"] == META["reference"]  # drift is judged from an export too
@@ -82,7 +82,7 @@ def test_an_onnx_file_without_our_meta_or_not_there_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def exported(registered):
-    """The export step run on the registered champion, as `python -m components.export` runs it."""
+    """The export step run on the registered champion, as `cnn-pipeline export` runs it."""
     with tracking_into(registered.mlflow):
         return tracked(export)(registered.params)
 
@@ -111,19 +111,19 @@ def test_export_records_parity_on_the_version(exported, registered):
     with tracking_into(registered.mlflow):
         local = Path(mlflow.artifacts.download_artifacts(
             f"models:/{registered.name}/{registered.version}"))
-    assert (local / files.ONNX).read_bytes() == Path(exported.onnx).read_bytes()
+    assert (local / outputs.ONNX).read_bytes() == Path(exported.onnx).read_bytes()
 
 
 @pytest.mark.slow  # a tracking server and a trained model
 def test_a_disagreeing_export_is_stated_on_the_version(exported, registered, tmp_path):
     from mlflow import MlflowClient
 
-    from components.checkpoint import load_model
     from components.export import _record
+    from components.training.checkpoint import load_model
 
-    net, meta = load_model(Path(registered.params.paths.train) / files.MODEL)
+    net, meta = load_model(Path(registered.params.paths.train) / outputs.MODEL)
     test = load_split(registered.params.paths.prepared, "test")
-    bad_file = altered(Path(exported.onnx), tmp_path / files.ONNX, scale=-1.0)
+    bad_file = altered(Path(exported.onnx), tmp_path / outputs.ONNX, scale=-1.0)
     bad = parity(Classifier(net, meta), OnnxClassifier(bad_file), test.x, Export())
     good = parity(Classifier(net, meta), OnnxClassifier(exported.onnx), test.x, Export())
     assert not bad.passed and len(bad.reasons) == 2  # both figures miss
@@ -151,9 +151,9 @@ def test_after_a_refused_challenger_the_export_is_the_champions_and_any_version_
         exported, registered, tmp_path):
     import yaml
 
+    from cnn_pipeline.cli import main as command
+    from components.core.params import validate
     from components.evaluate import evaluate
-    from components.export import main as export_main
-    from components.params import validate
     from components.train import train
 
     settings = registered.params.model_dump(mode="json")
@@ -168,7 +168,7 @@ def test_after_a_refused_challenger_the_export_is_the_champions_and_any_version_
         decision = tracked(register)(params)
         assert not decision.promoted and decision.version != registered.version
         shipped = tracked(export)(params)
-    report = json.loads((tmp_path / "export" / files.EXPORT).read_text())
+    report = json.loads((tmp_path / "export" / outputs.EXPORT).read_text())
     assert shipped.version == report["version"] == registered.version  # the champion's
     assert "champion" in report["aliases"] == shipped.aliases
     assert report["registered_by_this_run"] == decision.version
@@ -180,11 +180,13 @@ def test_after_a_refused_challenger_the_export_is_the_champions_and_any_version_
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(settings))
     with tracking_into(registered.mlflow):
-        export_main(["--params", str(path), "--model", f"models:/{registered.name}@challenger"])
-        report = json.loads((tmp_path / "export" / files.EXPORT).read_text())
+        command(["export", "--params", str(path), "--model",
+                 f"models:/{registered.name}@challenger"])
+        report = json.loads((tmp_path / "export" / outputs.EXPORT).read_text())
         assert report["version"] == decision.version and report["aliases"] == ["challenger"]
         with pytest.raises(SystemExit) as refused:
-            export_main(["--params", str(path), "--model", f"models:/{registered.name}@nobody"])
+            command(["export", "--params", str(path), "--model",
+                     f"models:/{registered.name}@nobody"])
     assert refused.value.code == 2
 
 
@@ -207,7 +209,7 @@ def test_predict_scores_a_folder_through_onnx_with_pytorchs_classes(exported, re
             return {r["path"]: r for r in csv.DictReader(f)}
 
     ours = rows(exported.onnx, "onnx")
-    theirs = rows(str(Path(registered.params.paths.train) / files.MODEL), "torch")
+    theirs = rows(str(Path(registered.params.paths.train) / outputs.MODEL), "torch")
     assert len(ours) == len(theirs) == len(range(0, len(test.y), 3)) + 1
     assert list(ours) == list(theirs)
     assert [r["class"] for r in ours.values()] == [r["class"] for r in theirs.values()]
@@ -215,6 +217,6 @@ def test_predict_scores_a_folder_through_onnx_with_pytorchs_classes(exported, re
     assert np.allclose([float(r["confidence"]) for r in ours.values()],
                        [float(r["confidence"]) for r in theirs.values()], atol=1e-4)
     # The drift check judges the same figures from the export's own metadata.
-    judged = {p: json.loads((tmp_path / p / files.DRIFT).read_text()) for p in ("onnx", "torch")}
+    judged = {p: json.loads((tmp_path / p / outputs.DRIFT).read_text()) for p in ("onnx", "torch")}
     assert judged["onnx"]["drift"] == judged["torch"]["drift"]
     assert set(judged["onnx"]["figures"]) == set(judged["torch"]["figures"])

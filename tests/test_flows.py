@@ -20,14 +20,14 @@ from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, tempor
 from prefect.utilities.callables import parameter_schema
 from pydantic import ValidationError
 
-from components import files
-from components.drift import DriftError
-from components.params import ParamsError, load_params, sections
-from components.prepared import load_split
+from components.core import outputs
+from components.core.params import ParamsError, load_params, sections
+from components.data.dataset import load_split
+from components.data.drift import DriftError
 from flows import prepare_cache
+from flows.batch_predict import batch_predict
+from flows.parameters import OVERRIDES, resolve
 from flows.pipeline import ARTIFACT_KEY, prepared_data, training_pipeline
-from flows.predict import batch_predict
-from flows.settings import OVERRIDES, resolve
 from tests.servers import api_post, prefect_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_bad_override_fails_the_flow_naming_the_key(project):
 def test_flow_runs_on_digits_and_returns_its_summary(project):
     summary = training_pipeline(train={"epochs": 1}, evaluate={"mistakes": 4})
     assert summary["prepare"] == "ran" and summary["epochs"] == 1
-    metrics = json.loads((project / "outputs/evaluate" / files.METRICS).read_text())
+    metrics = json.loads((project / "outputs/evaluate" / outputs.METRICS).read_text())
     assert summary["metrics"]["accuracy"] == metrics["accuracy"] > 0.1  # ten classes: chance 0.1
     decision = summary["registered"]
     assert decision["version"] == "1" and decision["promoted"]
@@ -125,7 +125,7 @@ def test_flow_runs_on_digits_and_returns_its_summary(project):
     assert scored["scored"] == 6 and scored["quarantined"] == 0
     with open(scored["predictions"], newline="") as f:
         predicted = {row["path"]: row["class"] for row in csv.DictReader(f)}
-    with open(project / "outputs/evaluate" / files.PREDICTIONS, newline="") as f:
+    with open(project / "outputs/evaluate" / outputs.PREDICTIONS, newline="") as f:
         expected = {f"{row['index']}.png": row["predicted"] for row in csv.DictReader(f)
                     if int(row["index"]) < 6}
     assert predicted == expected
@@ -183,7 +183,7 @@ def test_prepare_is_cached_on_content_and_runs_again_when_an_image_changes(proje
     # A cached result counts only while the prepared data it describes is there.
     shutil.rmtree(project / "data/prepared")
     assert prepare_only(data=data) == "ran"
-    assert (project / "data/prepared" / files.MANIFEST).is_file()
+    assert (project / "data/prepared" / outputs.MANIFEST).is_file()
 
 
 def test_cache_key_follows_content_not_paths(tmp_path):
@@ -244,5 +244,5 @@ def test_prepared_data_travels_through_the_dvc_remote(project, tmp_path_factory,
     monkeypatch.chdir(host_b)
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(host_b / "prefect-storage")}):
         assert prepare_only() == "pulled"
-    made = json.loads((project / "data/prepared" / files.MANIFEST).read_text())["hashes"]
-    assert json.loads((host_b / "data/prepared" / files.MANIFEST).read_text())["hashes"] == made
+    made = json.loads((project / "data/prepared" / outputs.MANIFEST).read_text())["hashes"]
+    assert json.loads((host_b / "data/prepared" / outputs.MANIFEST).read_text())["hashes"] == made

@@ -1,6 +1,6 @@
-"""The Kubeflow pipeline (flows/kfp_pipeline.py): compiled by the real KFP compiler and read back;
-its containers' commands run as KFP would run them, without a container; `run-local` end to end
-through kfp.local against a real MLflow server; bad settings refused before anything is written.
+"""The Kubeflow pipeline (flows/kubeflow/compiler.py): compiled by the real KFP compiler and read
+back; its containers' commands run as KFP would run them, without a container; `run-local` end to
+end through kfp.local against a real MLflow server; bad settings refused before anything is written.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from components import files
-from components.params import Params, load_params, sections
-from components.step_code import STEPS
-from components.tracking import GIT_ENV, dvc_dir_hash
-from flows.kfp_pipeline import REQUESTS
+from cnn_pipeline.cli import main as command
+from components.core import outputs
+from components.core.params import Params, load_params, sections
+from components.core.step_code import STEPS
+from components.tracking.lineage import GIT_ENV, dvc_dir_hash
+from flows.kubeflow.compiler import REQUESTS
 from tests.projects import BIN, ROOT
 
 IMAGE = "registry.example/cnn-pipeline:1.2.3"
@@ -35,12 +36,10 @@ TRACKED = {"train", "evaluate", "register", "export"}
 
 def compile_to(path: Path, *overrides: str, request: tuple[str, ...] = ()) -> list[dict]:
     """`compile` through the command line; the YAML's documents: pipeline, platform."""
-    from flows import kfp_pipeline
-
     sets = [a for o in overrides for a in ("--set", o)]
     sets += [a for r in request for a in ("--request", r)]
-    kfp_pipeline.main(["compile", "--params", str(ROOT / "params.yaml"), "--out", str(path),
-                       "--image", IMAGE, *sets])
+    command(["kfp", "compile", "--params", str(ROOT / "params.yaml"), "--out", str(path),
+             "--image", IMAGE, *sets])
     return list(yaml.safe_load_all(path.read_text()))
 
 
@@ -54,7 +53,7 @@ def git_head() -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> list[dict]:
-    return compile_to(tmp_path_factory.mktemp("kfp") / files.KFP_PIPELINE)
+    return compile_to(tmp_path_factory.mktemp("kfp") / outputs.KFP_PIPELINE)
 
 
 # --- the compiled YAML ---------------------------------------------------------------------------
@@ -68,7 +67,7 @@ def test_a_container_task_per_step_in_order_running_the_steps_in_the_image(compi
     for step in STEPS:
         container = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]
         assert container["image"] == IMAGE
-        assert container["command"] == ["python", "-m", f"components.{step}"]
+        assert container["command"] == ["cnn-pipeline", step]
     # The artifacts are the steps' folders; one MLflow run id goes from train to the others.
     inputs = {t: tasks[t].get("inputs", {}) for t in tasks}
     assert inputs["register"]["artifacts"]["evaluation"]["taskOutputArtifact"] == {
@@ -120,7 +119,7 @@ def test_integers_stay_integers_in_the_yaml_and_its_header(compiled, tmp_path):
     train = given["train"]["defaultValue"]
     assert type(train["batch_size"]) is int and type(train["epochs"]) is int
     assert type(train["lr"]) is float
-    text = (tmp_path / files.KFP_PIPELINE)
+    text = (tmp_path / outputs.KFP_PIPELINE)
     compile_to(text)
     header = [line for line in text.read_text().splitlines() if line.startswith("#")]
     assert any("'batch_size': 64," in line for line in header), header
@@ -129,9 +128,9 @@ def test_integers_stay_integers_in_the_yaml_and_its_header(compiled, tmp_path):
 
 def test_requests_are_set_at_compile_and_a_bad_one_or_an_image_without_registry_refused(
         tmp_path, capsys):
-    from flows import kfp_pipeline
+    from flows.kubeflow import compiler as kfp_pipeline
 
-    out = tmp_path / files.KFP_PIPELINE
+    out = tmp_path / outputs.KFP_PIPELINE
     spec, _ = compile_to(out, request=["train.memory=64Gi", "prepare.cpu=500m"])
     executors = spec["deploymentSpec"]["executors"]
     assert executors["exec-train"]["container"]["resources"]["resourceMemoryRequest"] == "64Gi"
@@ -143,8 +142,8 @@ def test_requests_are_set_at_compile_and_a_bad_one_or_an_image_without_registry_
                        ([], "names no registry")]:  # the default image: compile needs --image
         image = [] if "--image" in args or not args else ["--image", IMAGE]
         with pytest.raises(SystemExit) as refused:
-            kfp_pipeline.main(["compile", "--params", str(ROOT / "params.yaml"), "--out", str(out),
-                               *image, *args])
+            command(["kfp", "compile", "--params", str(ROOT / "params.yaml"), "--out", str(out),
+                     *image, *args])
         assert refused.value.code == 2 and says in capsys.readouterr().err
         assert not out.exists()  # nothing written
     kfp_pipeline.check_image("localhost:5000/cnn-pipeline:1")  # a local registry names itself
@@ -171,7 +170,7 @@ def test_tracking_address_from_a_secret_and_the_commit_recorded(compiled):
 def test_the_twins_differ_from_the_containers_only_in_how_a_task_starts():
     from google.protobuf import json_format
 
-    from flows.kfp_pipeline import build, container, defaults, twin
+    from flows.kubeflow.compiler import build, container, defaults, twin
 
     params, commit = load_params(ROOT / "params.yaml"), ("c0ffee", "false")
     specs = [json_format.MessageToDict(build({s: make(s, IMAGE) for s in STEPS}, defaults(params),
@@ -180,7 +179,7 @@ def test_the_twins_differ_from_the_containers_only_in_how_a_task_starts():
     assert containers["root"] == twins["root"] and containers["components"] == twins["components"]
     for step in STEPS:
         a, b = (s["deploymentSpec"]["executors"][f"exec-{step}"]["container"] for s in specs)
-        assert a["command"][:3] == ["python", "-m", f"components.{step}"]
+        assert a["command"] == ["cnn-pipeline", step]
         assert "kfp.dsl.executor_main" in " ".join(b["command"])  # KFP's lightweight launcher
         assert {k: v for k, v in a.items() if k not in ("command", "args")} == {
             k: v for k, v in b.items() if k not in ("command", "args")}
@@ -212,18 +211,18 @@ def listing(folder: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.slow
 def test_the_containers_commands_run_in_order_on_digits(tmp_path, mlflow):
-    spec, _ = compile_to(tmp_path / files.KFP_PIPELINE, *SMALL,
+    spec, _ = compile_to(tmp_path / outputs.KFP_PIPELINE, *SMALL,
                          "register.model_name=kfp-containers")
     defaults = {k: v.get("defaultValue") for k, v in
                 spec["root"]["inputDefinitions"]["parameters"].items()}
     workdir, store = image_workdir(tmp_path / "image"), tmp_path / "artifacts"
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
            "MLFLOW_TRACKING_URI": mlflow}
-    outputs: dict[str, dict[str, str]] = {}  # task -> output name -> folder or value
+    produced: dict[str, dict[str, str]] = {}  # task -> output name -> folder or value
     for step in STEPS:
         task = spec["root"]["dag"]["tasks"][step]
         container = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]
-        values = resolved_inputs(task, defaults, outputs)
+        values = resolved_inputs(task, defaults, produced)
         own = {}
 
         def fill(match, step=step, values=values, own=own):
@@ -243,23 +242,23 @@ def test_the_containers_commands_run_in_order_on_digits(tmp_path, mlflow):
                               timeout=600)
         assert done.returncode == 0, f"{step}:\n{done.stdout}\n{done.stderr[-4000:]}"
         assert [listing(folder) for folder in read] == before, f"{step} wrote into its inputs"
-        outputs[step] = {name: (Path(path).read_text() if name == "run_id" else path)
+        produced[step] = {name: (Path(path).read_text() if name == "run_id" else path)
                          for name, path in own.items()}
 
-    run_id = outputs["train"]["run_id"]
+    run_id = produced["train"]["run_id"]
     assert re.fullmatch(r"[0-9a-f]{32}", run_id)
-    decision = json.loads((Path(outputs["register"]["decision"]) / files.DECISION).read_text())
+    decision = json.loads((Path(produced["register"]["decision"]) / outputs.DECISION).read_text())
     assert decision["run_id"] == run_id and decision["promoted"]
-    assert json.loads((Path(outputs["export"]["exported"]) / files.EXPORT).read_text())["passed"]
-    assert (Path(outputs["train"]["trained_model"]) / files.RUN).is_file()
+    assert json.loads((Path(produced["export"]["exported"]) / outputs.EXPORT).read_text())["passed"]
+    assert (Path(produced["train"]["trained_model"]) / outputs.RUN).is_file()
     run = MlflowClient(mlflow).get_run(run_id)
     assert run.data.params["train.epochs"] == "1" and "accuracy" in run.data.metrics
     # No .git in the image: the commit the compiler recorded is the run's.
     assert (run.data.tags["git.commit"], run.data.tags["git.dirty"]) == git_head()
-    assert run.data.tags["data.hash"] == dvc_dir_hash(outputs["prepare"]["prepared"])
+    assert run.data.tags["data.hash"] == dvc_dir_hash(produced["prepare"]["prepared"])
 
 
-def resolved_inputs(task: dict, defaults: dict, outputs: dict) -> dict:
+def resolved_inputs(task: dict, defaults: dict, produced: dict) -> dict:
     """A task's inputs as KFP's driver resolves them: pipeline parameters, upstream outputs."""
     values = {}
     for name, source in task.get("inputs", {}).get("parameters", {}).items():
@@ -267,10 +266,10 @@ def resolved_inputs(task: dict, defaults: dict, outputs: dict) -> dict:
             values[name] = defaults[source["componentInputParameter"]]
         elif "taskOutputParameter" in source:
             found = source["taskOutputParameter"]
-            values[name] = outputs[found["producerTask"]][found["outputParameterKey"]]
+            values[name] = produced[found["producerTask"]][found["outputParameterKey"]]
     for name, source in task.get("inputs", {}).get("artifacts", {}).items():
         found = source["taskOutputArtifact"]
-        values[name] = outputs[found["producerTask"]][found["outputArtifactKey"]]
+        values[name] = produced[found["producerTask"]][found["outputArtifactKey"]]
     return values
 
 
@@ -282,7 +281,7 @@ def test_run_local_tracks_one_run_and_registers_a_champion(tmp_path, mlflow, dig
     workdir, root = image_workdir(tmp_path / "project"), tmp_path / "kfp"
     sets = [a for o in [*SMALL, "register.model_name=kfp-local"] for a in ("--set", o)]
     done = subprocess.run(
-        [sys.executable, "-m", "flows.kfp_pipeline", "run-local", "--pipeline-root", str(root),
+        [sys.executable, "-m", "cnn_pipeline", "kfp", "run-local", "--pipeline-root", str(root),
          *sets], cwd=workdir, capture_output=True, text=True, timeout=1200,
         env={**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": mlflow})
     assert done.returncode == 0, done.stderr[-6000:]
@@ -307,9 +306,9 @@ def test_run_local_tracks_one_run_and_registers_a_champion(tmp_path, mlflow, dig
     logged = set()
     for folder in ("augment", "data", "evaluate", "register", "train"):
         logged |= {a.path for a in client.list_artifacts(run_id, folder)}
-    assert {f"augment/{files.POLICY}", f"data/{files.MANIFEST}", f"evaluate/{files.METRICS}",
-            f"evaluate/{files.CONFUSION_PNG}", f"register/{files.DECISION}",
-            f"train/{files.HISTORY}"} <= logged
+    assert {f"augment/{outputs.POLICY}", f"data/{outputs.MANIFEST}", f"evaluate/{outputs.METRICS}",
+            f"evaluate/{outputs.CONFUSION_PNG}", f"register/{outputs.DECISION}",
+            f"train/{outputs.HISTORY}"} <= logged
     assert not (workdir / "outputs").exists()  # every step wrote into its own artifact
 
 
@@ -318,19 +317,16 @@ def test_run_local_tracks_one_run_and_registers_a_champion(tmp_path, mlflow, dig
 
 @pytest.mark.parametrize("override", ["train.epochs=0", "trian.epochs=3", "train=5"])
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path, capsys, override):
-    from components import train
-    from flows import kfp_pipeline
-
     params = image_workdir(tmp_path / "project") / "params.yaml"
     with pytest.raises(SystemExit) as refused:
-        train.main(["--params", str(params), "--set", override])
+        command(["train", "--params", str(params), "--set", override])
     expected = capsys.readouterr().err
     assert refused.value.code == 2 and expected.startswith("error: ")
-    for command, out in (("compile", "--out"), ("run-local", "--pipeline-root")):
-        target = tmp_path / command
+    for action, out in (("compile", "--out"), ("run-local", "--pipeline-root")):
+        target = tmp_path / action
         with pytest.raises(SystemExit) as refused:
-            kfp_pipeline.main([command, "--params", str(params), "--set", override, out,
-                               str(target)])
+            command(["kfp", action, "--params", str(params), "--set", override, out,
+                     str(target)])
         assert refused.value.code == 2
         assert capsys.readouterr().err == expected
         assert not target.exists()
@@ -345,7 +341,8 @@ def test_read_only_inputs_leftovers_go_to_the_steps_own_folder(tmp_path, monkeyp
     as it was, and parks what it could not deliver in its own output folder."""
     from mlflow.entities import Metric
 
-    from components.tracking import Pending, Tracker
+    from components.tracking.delivery import Pending
+    from components.tracking.run import Tracker
     from tests.servers import free_port
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -20,23 +20,24 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import cli
-from components.params import ParamsError, load_params
+from cnn_pipeline import cli
+from cnn_pipeline.commands import COMMANDS
+from components.core.params import ParamsError, load_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 HEAVY = {"torch", "timm", "torchvision", "mlflow", "sklearn", "matplotlib", "prefect"}
-ENTRY_POINTS = {  # every `python -m` entry point, with what its real command line needs besides
-    "components.prepare": [],
-    "components.augment": [],
-    "components.train": [],
-    "components.evaluate": [],
-    "components.register": [],
-    "components.export": [],
-    "components.predict": ["--folder", "inbox"],
-    "flows.pipeline": [],
-    "flows.sweep": [],
+ENTRY_POINTS = {  # the commands that read settings, with what their command line needs besides
+    "prepare": [],
+    "augment": [],
+    "train": [],
+    "evaluate": [],
+    "register": [],
+    "export": [],
+    "predict": ["--folder", "inbox"],
+    "pipeline": [],
+    "search": [],
 }
-STEPS = [m for m in ENTRY_POINTS if m in cli.COMMANDS]  # the pipeline's steps
+STEPS = [c for c in ENTRY_POINTS if COMMANDS[c].step and c != "predict"]  # the pipeline's
 
 
 def command_line(cwd: Path, *args: str) -> tuple[int, str, set[str]]:
@@ -66,8 +67,8 @@ def test_a_bad_setting_is_refused_before_any_heavy_import(tmp_path, monkeypatch,
                                                           override):
     (tmp_path / "params.yaml").write_text("")
     monkeypatch.chdir(tmp_path)
-    code, said, imported = command_line(tmp_path, "-m", module, *ENTRY_POINTS[module],
-                                        "--set", override)
+    code, said, imported = command_line(tmp_path, "-m", "cnn_pipeline", module,
+                                        *ENTRY_POINTS[module], "--set", override)
     with pytest.raises(ParamsError) as expected:
         load_params("params.yaml", [override])
     assert code == 2 and said == f"error: {expected.value}", said
@@ -81,27 +82,25 @@ def test_the_import_check_sees_a_heavy_import(tmp_path):
 
 
 def test_missing_data_is_refused_with_the_steps_own_message(tmp_path, capsys, monkeypatch):
-    from components import augment, prepare
-
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"paths": {"prepared": "nothing"}}))
     folder = ["--set", "data.source=imagefolder", "--set", "data.image_size=32",
               "--set", "data.root=no/such/folder"]
     monkeypatch.chdir(tmp_path)
-    for step, main, args in (("prepare", prepare.main, folder), ("augment", augment.main, [])):
-        code, said, imported = command_line(tmp_path, "-m", f"components.{step}", *args)
-        assert code == 2 and said == in_process_error(main, args, capsys), said
+    for step, args in (("prepare", folder), ("augment", [])):
+        code, said, imported = command_line(tmp_path, "-m", "cnn_pipeline", step, *args)
+        assert code == 2 and said == in_process_error(cli.main, [step, *args], capsys), said
         assert not imported & HEAVY, f"{step} imported {sorted(imported & HEAVY)}"
 
 
 def test_help_and_good_settings_pass_the_preflight(tmp_path):
     # No params.yaml here: --help must still show the step's own help, not a settings error.
-    done = subprocess.run([sys.executable, "-m", "components.prepare", "--help"], cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-m", "cnn_pipeline", "prepare", "--help"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--params" in done.stdout
-    assert done.stdout.startswith("usage: python -m components.prepare ")
+    assert done.stdout.startswith("usage: cnn-pipeline prepare ")
     # A valid command runs the step itself: prepare writes its data.
     (tmp_path / "params.yaml").write_text("")
-    done = subprocess.run([sys.executable, "-m", "components.prepare"], cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-m", "cnn_pipeline", "prepare"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["counts"]["train"] > 0
@@ -110,24 +109,28 @@ def test_help_and_good_settings_pass_the_preflight(tmp_path):
 
 @pytest.mark.parametrize("module", STEPS)
 def test_a_steps_help_is_its_own_parsers_without_importing_the_step(tmp_path, module, capsys):
-    """The preflight prints `--help` from components.cli.COMMANDS and the step function's
-    docstring read from its source: the same text the step's main() prints once imported."""
-    import importlib
+    """`cnn-pipeline <step> --help` prints the step's options (cnn_pipeline/commands.py) and the
+    step function's docstring read from its source: the docstring the function has once
+    imported, and none of the step's heavy imports."""
+    import inspect
 
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"],
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "cnn_pipeline", module,
+                           "--help"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     imported = {line.rsplit("|", 1)[1].strip().split(".")[0]
                 for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert done.returncode == 0, done.stderr
     assert not imported & HEAVY, f"{module} --help imported {sorted(imported & HEAVY)}"
+    step = cli._function(COMMANDS[module].run)
+    assert " ".join(inspect.getdoc(step).split()) in " ".join(done.stdout.split())
     with pytest.raises(SystemExit) as info:
-        importlib.import_module(module).main(["--help"])
+        cli.main([module, "--help"])
     assert info.value.code == 0
     assert done.stdout == capsys.readouterr().out
 
 
 # Imported by the interpreter before `-m` loads anything, so its exit handler is registered before
-# the preflight's and runs after it.
+# the command line's and runs after it.
 SITECUSTOMIZE = """
 import atexit, gc, sys
 atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0, file=sys.stderr))
@@ -138,21 +141,19 @@ def test_a_step_as_a_program_skips_the_last_collections_and_still_runs_exit_hand
         tmp_path, monkeypatch, capsys):
     import gc
 
-    from components import prepare
-
     (tmp_path / "site").mkdir()
     (tmp_path / "site/sitecustomize.py").write_text(SITECUSTOMIZE)
     (tmp_path / "params.yaml").write_text("")
     path = os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-m", "components.prepare"], cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-m", "cnn_pipeline", "prepare"], cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": path}, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["counts"]["train"] > 0
     assert "frozen at exit: True" in done.stderr
-    # Called in-process (a flow's task, a test), a step leaves the collector as it was.
+    # Called in-process (a test), the command leaves the collector as it was until exit.
     monkeypatch.chdir(tmp_path)
-    prepare.main([])
+    cli.main(["prepare"])
     assert json.loads(capsys.readouterr().out)["counts"]["train"] > 0
     assert gc.get_freeze_count() == 0
 
@@ -161,7 +162,7 @@ def test_a_step_as_a_program_skips_the_last_collections_and_still_runs_exit_hand
 
 BUILTIN_SCRIPT = """
 import sys, importlib.util
-import components.models as m
+import components.training.models as m
 import torch
 model = m.create_model("resnet_cifar" if "{order}" == "resnet" else "simple_cnn", num_classes=3,
                        in_chans=1, img_size=8)
@@ -188,9 +189,10 @@ def test_metrics_are_the_same_as_with_timms_create_model(digits, tmp_path, monke
     create_model (how every built-in was made before), byte for byte."""
     import timm
 
-    from components import files, models
+    from components.core import outputs
     from components.evaluate import evaluate
     from components.train import train
+    from components.training import models
 
     out = {}
     for how in ("direct", "timm"):
@@ -202,7 +204,7 @@ def test_metrics_are_the_same_as_with_timms_create_model(digits, tmp_path, monke
             "train.epochs=2", "evaluate.mistakes=4"])
         train(params)
         evaluate(params)
-        out[how] = (tmp_path / how / "ev" / files.METRICS).read_bytes()
+        out[how] = (tmp_path / how / "ev" / outputs.METRICS).read_bytes()
     assert out["direct"] == out["timm"]
 
 

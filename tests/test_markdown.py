@@ -2,7 +2,7 @@
 
 import pytest
 
-from components.markdown import cell, table
+from components.report.tables import cell, table
 
 
 @pytest.mark.parametrize("value, shown", [

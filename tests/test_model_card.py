@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import files
-from components.prepared import read_manifest
+from components.core import outputs
+from components.data.dataset import read_manifest
 from tests.projects import tracking_into
 
 SECTIONS = ["Intended use and limits", "Data", "Training", "Test metrics", "Weakest classes",
@@ -32,7 +32,7 @@ def table(text: str) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def card(registered) -> str:
-    return (Path(registered.params.paths.register) / files.MODEL_CARD).read_text()
+    return (Path(registered.params.paths.register) / outputs.MODEL_CARD).read_text()
 
 
 @pytest.mark.slow  # a tracking server and a trained model
@@ -49,8 +49,8 @@ def test_the_card_has_every_section_in_order(card, registered):
 @pytest.mark.slow  # a tracking server and a trained model
 def test_the_cards_numbers_are_the_pipelines(card, registered):
     params = registered.params
-    metrics = json.loads((Path(params.paths.evaluate) / files.METRICS).read_text())
-    report = json.loads((Path(params.paths.evaluate) / files.REPORT_JSON).read_text())
+    metrics = json.loads((Path(params.paths.evaluate) / outputs.METRICS).read_text())
+    report = json.loads((Path(params.paths.evaluate) / outputs.REPORT_JSON).read_text())
     manifest = read_manifest(params.paths.prepared)
 
     overall = dict(row for row in table(section(card, "Test metrics")) if len(row) == 2)
@@ -99,4 +99,4 @@ def test_the_registry_holds_the_card_and_its_summary(card, registered):
     with tracking_into(registered.mlflow):
         local = Path(mlflow.artifacts.download_artifacts(
             f"models:/{registered.name}/{registered.version}"))
-    assert (local / files.MODEL_CARD).read_text() == card
+    assert (local / outputs.MODEL_CARD).read_text() == card

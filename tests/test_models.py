@@ -1,4 +1,5 @@
-"""components/models.py: timm's model-agnostic checks on the built-ins, and timm models by name."""
+"""components/training/models.py: timm's model-agnostic checks on the built-ins, and timm models by
+name."""
 
 import importlib
 import json
@@ -13,8 +14,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from components.models import BUILTINS, create_model, head_parameters, replace_head
-from components.params import UserError
+from components.core.params import UserError
+from components.training.models import BUILTINS, create_model, head_parameters, replace_head
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT.parent / "shared" / "bench"
@@ -97,8 +98,8 @@ def test_pretrained_builtin_is_a_clear_error(name):
 # Runs in a fresh interpreter: huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE at import.
 PRETRAINED_SCRIPT = """
 import json, sys, safetensors.torch, torch
-from components.models import create_model
-from components.params import UserError
+from components.training.models import create_model
+from components.core.params import UserError
 result = {}
 try:
     create_model("test_efficientnet", num_classes=3, in_chans=3, img_size=32, pretrained=True)

@@ -3,6 +3,7 @@ allowed; good settings load; overrides are validated like the file; the CLI exit
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.cli import run_step
-from components.params import (
+from cnn_pipeline import cli
+from cnn_pipeline.commands import Command
+from components.core.params import (
     Params,
     ParamsError,
     UserError,
@@ -249,14 +251,18 @@ def test_flatten_gives_section_dot_key_pairs():
 
 
 def _step(params: Params) -> dict:
-    """A stand-in step for run_step: returns what it was given."""
+    """A stand-in step for the command line: returns what it was given."""
     if params.train.epochs == 13:
         raise UserError("unlucky: pick another number of epochs")
     return {"epochs": params.train.epochs}
 
 
+STAND_IN = {"stand-in": Command(f"{__name__}:_step", "a stand-in step", step=True)}
+
+
 def test_run_step_prints_the_result(tmp_path, capsys):
-    run_step(_step, ["--params", str(write(tmp_path, "")), "--set", "train.epochs=4"])
+    cli.main(["stand-in", "--params", str(write(tmp_path, "")), "--set", "train.epochs=4"],
+             STAND_IN)
     assert '"epochs": 4' in capsys.readouterr().out
 
 
@@ -267,7 +273,7 @@ def test_run_step_prints_the_result(tmp_path, capsys):
 ])
 def test_run_step_exits_2_with_error_line(tmp_path, capsys, argv_tail):
     with pytest.raises(SystemExit) as info:
-        run_step(_step, ["--params", str(write(tmp_path, "")), *argv_tail])
+        cli.main(["stand-in", "--params", str(write(tmp_path, "")), *argv_tail], STAND_IN)
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ")
@@ -281,7 +287,7 @@ def test_run_step_exits_2_with_error_line(tmp_path, capsys, argv_tail):
 def test_cli_exits_2_with_error_and_no_traceback(tmp_path, args, names):
     (tmp_path / "params.yaml").write_text("")
     proc = subprocess.run(
-        [sys.executable, "-m", "components.prepare", *args],
+        [sys.executable, "-m", "cnn_pipeline", "prepare", *args],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
@@ -295,11 +301,11 @@ def test_cli_exits_2_with_error_and_no_traceback(tmp_path, args, names):
 
 
 def _entry_points():
-    from components import augment, evaluate, predict, prepare, register, train
-    from flows import pipeline
+    from cnn_pipeline.cli import main
 
-    steps = [m.main for m in (prepare, augment, train, evaluate, register)]
-    return [*steps, lambda argv: predict.main([*argv, "--folder", "x"]), pipeline.main]
+    steps = [functools.partial(lambda step, argv: main([step, *argv]), step)
+             for step in ("prepare", "augment", "train", "evaluate", "register", "pipeline")]
+    return [*steps, lambda argv: main(["predict", *argv, "--folder", "x"])]
 
 
 @pytest.mark.parametrize("override", ["train.optimizer=adam", "train.epochs", "trian.epochs=3",
@@ -319,7 +325,7 @@ def test_every_entry_point_refuses_an_override_with_the_same_message(tmp_path, c
 
 
 def test_null_and_whole_values_mean_the_same_on_the_command_line_and_in_a_flow(tmp_path):
-    from flows.settings import resolve
+    from flows.parameters import resolve
 
     path = write(tmp_path, "model:\n  checkpoint: old/weights.pt\ndata:\n  image_size: 16\n")
     given = ["model.checkpoint=null", "data.image_size=null",
@@ -334,9 +340,9 @@ def test_null_and_whole_values_mean_the_same_on_the_command_line_and_in_a_flow(t
 
 
 def test_the_flows_take_one_parameter_per_settings_section():
+    from flows.batch_predict import batch_predict
     from flows.pipeline import training_pipeline
-    from flows.predict import batch_predict
-    from flows.sweep import sweep
+    from flows.search.sweep import sweep
 
     for flow in (training_pipeline, batch_predict, sweep):
         schema = flow.parameters.model_dump()["properties"]
@@ -385,7 +391,7 @@ def test_a_billion_laughs_ends_the_command_with_an_error(tmp_path):
     """The real command line, in a process of its own: it ends (exit 2) instead of expanding
     10**10 values (which ran for minutes). The timeout only stops a hang; it times nothing."""
     write(tmp_path, LAUGHS)
-    proc = subprocess.run([sys.executable, "-m", "components.prepare"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "cnn_pipeline", "prepare"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: params.yaml"), proc.stderr
     assert "aliases" in proc.stderr and "Traceback" not in proc.stderr
@@ -393,7 +399,7 @@ def test_a_billion_laughs_ends_the_command_with_an_error(tmp_path):
 
 def test_a_settings_file_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "params.yaml").write_bytes("train:\n  epochs: 3  # café\n".encode("latin-1"))
-    proc = subprocess.run([sys.executable, "-m", "components.prepare"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "cnn_pipeline", "prepare"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert_names(proc.stderr, "error: params.yaml", "UTF-8")
@@ -420,11 +426,11 @@ def test_the_largest_seed_is_one_numpy_torch_and_optuna_accept():
     import numpy as np
     import optuna
 
-    from components import recipe
-    from flows.study import make_sampler
+    from components.training import setup
+    from flows.search.study import make_sampler
 
     top = load_params(overrides=[f"{k}={2**32 - 1}" for k in SEEDS])
-    recipe.seed(top.train.seed)
+    setup.seed(top.train.seed)
     np.random.default_rng(top.data.seed)
     for sampler in ("tpe", "random"):
         search = {"sampler": sampler, "startup_trials": 1, "seed": top.search.seed}

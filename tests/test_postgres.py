@@ -19,9 +19,10 @@ import psycopg2
 import pytest
 from mlflow import MlflowClient
 
-from components import files
-from components.params import load_params
-from components.tracking import lineage, log_dataset
+from components.core import outputs
+from components.core.params import load_params
+from components.tracking.lineage import lineage
+from components.tracking.run import log_dataset
 from tests.postgres import Postgres, postgres_server
 from tests.projects import CLONE, Stack, committed_copy
 from tests.racing import at_once
@@ -105,7 +106,7 @@ def _overlap(a: dict, b: dict) -> bool:
 
 def _history(stack: Stack, name: str) -> list[dict]:
     """history.json of run `name`, from the clone of whichever worker ran it."""
-    found = [stack.workers / w / CLONE / f"outputs/pg-{name}/train" / files.HISTORY
+    found = [stack.workers / w / CLONE / f"outputs/pg-{name}/train" / outputs.HISTORY
              for w in WORKERS]
     found = [p for p in found if p.is_file()]
     assert len(found) == 1, found

@@ -16,13 +16,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from components import files
+from cnn_pipeline.cli import main as command
 from components.augment import augment
+from components.core import outputs
+from components.core.params import Predict, UserError, validate
+from components.data.dataset import load_split
 from components.evaluate import evaluate
-from components.params import Predict, UserError, validate
-from components.predict import main, predict
+from components.predict import predict
 from components.prepare import prepare
-from components.prepared import load_split
 from components.train import train
 from tests.formats import raw_name, special_file, unescape_name
 
@@ -69,10 +70,10 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def test_predictions_equal_evaluates_on_the_test_images(trained, inbox):
-    model = Path(trained.paths.train) / files.MODEL
+    model = Path(trained.paths.train) / outputs.MODEL
     result = predict(trained, inbox, str(model))
     rows = {r["path"]: r for r in read_csv(Path(result.predictions))}
-    expected = read_csv(Path(trained.paths.evaluate) / files.PREDICTIONS)
+    expected = read_csv(Path(trained.paths.evaluate) / outputs.PREDICTIONS)
     assert result.scored == len(expected) + 1 == len(rows)  # and odd.png, any size and mode
     assert rows["odd.png"]["class"] in {str(d) for d in range(10)}
     ours = {int(Path(p).stem.split("_")[1]): r for p, r in rows.items() if "img_" in p}
@@ -106,18 +107,19 @@ def test_a_hostile_folder_is_read_as_prepare_reads_it(trained, tmp_path, kind):
     settings["paths"]["predictions"] = str(tmp_path / "predictions")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    done = subprocess.run([sys.executable, "-m", "components.predict", "--folder", str(inbox),
-                           "--model", str(Path(trained.paths.train) / files.MODEL)],
+    done = subprocess.run([sys.executable, "-m", "cnn_pipeline", "predict", "--folder", str(inbox),
+                           "--model", str(Path(trained.paths.train) / outputs.MODEL)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "predictions"
-    rows = read_csv(out / files.PREDICTIONS)  # read as UTF-8
+    rows = read_csv(out / outputs.PREDICTIONS)  # read as UTF-8
     assert sorted(r["path"] for r in rows) == sorted(
         ["plain.png", "caf\\xe9.png", "back\\\\slash.png", "dir\\xfe/x.png", "café.png"])
     assert all(raw_name(inbox, unescape_name(r["path"])).is_file() for r in rows)
-    quarantine = {q["path"]: q["reason"] for q in json.loads((out / files.QUARANTINE).read_text())}
+    quarantined = json.loads((out / outputs.QUARANTINE).read_text())
+    quarantine = {q["path"]: q["reason"] for q in quarantined}
     assert quarantine == {"bad\\xff.png": "not_an_image", "special.png": "not_a_file"}
-    assert json.loads((out / files.DRIFT).read_text())["figures"]
+    assert json.loads((out / outputs.DRIFT).read_text())["figures"]
 
 
 def test_top_k_columns_rank_the_classes(trained, inbox):
@@ -145,16 +147,16 @@ def test_champion_from_the_mlflow_registry_is_the_default(trained, inbox, tmp_pa
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("predict", (tmp_path / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment) as run:
-        mlflow.log_artifact(str(Path(trained.paths.train) / files.MODEL), "model")
+        mlflow.log_artifact(str(Path(trained.paths.train) / outputs.MODEL), "model")
     name, client = trained.register.model_name, mlflow.MlflowClient()
     client.create_registered_model(name)
     version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id)
     client.set_registered_model_alias(name, "champion", version.version)
 
     result = predict(trained, inbox)  # models:/<name>@champion
-    local = read_csv(Path(predict(trained, inbox, str(Path(trained.paths.train) / files.MODEL))
+    local = read_csv(Path(predict(trained, inbox, str(Path(trained.paths.train) / outputs.MODEL))
                           .predictions))
-    assert Path(result.model).name == files.MODEL
+    assert Path(result.model).name == outputs.MODEL
     assert read_csv(Path(result.predictions)) == local
     with pytest.raises(UserError, match="cannot download"):
         predict(trained, inbox, f"models:/{name}@no-such-alias")
@@ -168,9 +170,9 @@ def test_command_line(trained, inbox, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(trained.model_dump(mode="json")))
-    model = str(Path(trained.paths.train) / files.MODEL)
-    cmd = [sys.executable, "-m", "components.predict", "--folder", str(inbox), "--model", model,
-           "--params", str(params), "--set", "predict.top_k=2"]
+    model = str(Path(trained.paths.train) / outputs.MODEL)
+    cmd = [sys.executable, "-m", "cnn_pipeline", "predict", "--folder", str(inbox),
+           "--model", model, "--params", str(params), "--set", "predict.top_k=2"]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
@@ -187,6 +189,6 @@ def test_command_line(trained, inbox, tmp_path, capsys, monkeypatch):
          "evaluate.device"),
     ]:
         with pytest.raises(SystemExit) as exit_:
-            main([*argv, "--params", str(params)])
+            command(["predict", *argv, "--params", str(params)])
         assert exit_.value.code == 2
         assert message in capsys.readouterr().err

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components import files
 from components import prepare as prepare_module
-from components.params import Params, UserError, validate
+from components.core import outputs
+from components.core.params import Params, UserError, validate
+from components.data.dataset import SPLITS, class_names, load_split, read_manifest
 from components.prepare import PrepareResult, prepare
-from components.prepared import SPLITS, class_names, load_split, read_manifest
 from tests.disks import FILL, on_small_disk
 from tests.formats import (
     CIFAR10_NAMES,
@@ -117,7 +117,7 @@ def check_consistent(out: Path, manifest: dict, splits: dict, result: PrepareRes
     counted = manifest["files"]
     assert counted["found"] == counted["prepared"] + counted["quarantined"] + counted["ignored"]
     assert counted["prepared"] == sum(manifest["num"].values())
-    quarantine = json.loads((out / files.QUARANTINE).read_text())
+    quarantine = json.loads((out / outputs.QUARANTINE).read_text())
     assert counted["quarantined"] == len(quarantine)
     assert all(set(q) == {"path", "reason", "detail"} for q in quarantine)
     assert result.files == counted and result.classes == names
@@ -126,8 +126,8 @@ def check_consistent(out: Path, manifest: dict, splits: dict, result: PrepareRes
     np.testing.assert_allclose(manifest["mean"], x.mean(0), atol=1e-4)
     np.testing.assert_allclose(manifest["std"], x.std(0), atol=1e-4)
     assert {p.name for p in out.iterdir()} == {
-        *(f(s) for s in SPLITS for f in (files.x_file, files.y_file)), files.MANIFEST,
-        files.QUARANTINE}
+        *(f(s) for s in SPLITS for f in (outputs.x_file, outputs.y_file)), outputs.MANIFEST,
+        outputs.QUARANTINE}
 
 
 def assert_stratified(splits: dict, n_classes: int, test_fraction: float, val_fraction: float):
@@ -156,7 +156,7 @@ def test_digits_end_to_end(digits):
     assert manifest["files"] == {"found": 1797, "prepared": 1797, "quarantined": 0, "ignored": 0}
     assert sum(manifest["num"].values()) == 1797
     assert 0.1 < manifest["mean"][0] < 0.5 and 0.2 < manifest["std"][0] < 0.5
-    assert json.loads((out / files.QUARANTINE).read_text()) == []
+    assert json.loads((out / outputs.QUARANTINE).read_text()) == []
     assert result.path == str(out)
 
 
@@ -386,7 +386,7 @@ def test_messy_folder_accounting(messy):
 
 def test_messy_folder_quarantine_reasons(messy):
     expected, out, *_ = messy
-    quarantine = json.loads((out / files.QUARANTINE).read_text())
+    quarantine = json.loads((out / outputs.QUARANTINE).read_text())
     got = {q["path"]: q["reason"] for q in quarantine}
     assert got == expected.quarantined
     assert all(q["detail"] for q in quarantine)
@@ -458,7 +458,7 @@ def test_image_directly_in_a_split_folder_is_quarantined(tmp_path):
     root = folder(tmp_path / "raw", {"train/a": 4, "train/b": 4, "test/a": 2, "test/b": 2})
     write_image(root / "train/loose.png", noise(16, 16, seed=3))
     _, manifest, _ = run(tmp_path / "out", source="imagefolder", root=root, image_size=16)
-    quarantine = json.loads((tmp_path / "out" / files.QUARANTINE).read_text())
+    quarantine = json.loads((tmp_path / "out" / outputs.QUARANTINE).read_text())
     assert [(q["path"], q["reason"]) for q in quarantine] == [
         ("train/loose.png", "outside_class_folder")]
     assert manifest["files"]["found"] == 13
@@ -507,7 +507,7 @@ def test_duplicates_are_dropped_from_the_later_split(tmp_path):
     check_consistent(tmp_path / "out", manifest, splits, result)
     assert manifest["duplicates_across_splits"]["dropped"] == 2
     assert manifest["num"] == {"train": 11, "val": 4, "test": 6}  # train keeps its copies
-    quarantine = json.loads((tmp_path / "out" / files.QUARANTINE).read_text())
+    quarantine = json.loads((tmp_path / "out" / outputs.QUARANTINE).read_text())
     assert {(q["path"], q["reason"]) for q in quarantine} == {
         ("test/a/copy.bmp", "duplicate"), ("val/b/again.png", "duplicate")}
     assert manifest["files"] == {"found": 23, "prepared": 21, "quarantined": 2, "ignored": 0}
@@ -546,7 +546,7 @@ def test_a_fifo_or_device_named_like_an_image_is_quarantined_unopened(tmp_path, 
     special_file(root / "a" / "special.png", kind)
     special_file(root / "loose.png", kind)
     _, manifest, _ = run(tmp_path / "out", source="imagefolder", root=root, image_size=16)
-    quarantine = json.loads((tmp_path / "out" / files.QUARANTINE).read_text())
+    quarantine = json.loads((tmp_path / "out" / outputs.QUARANTINE).read_text())
     assert sorted((q["path"], q["reason"]) for q in quarantine) == [
         ("a/special.png", "not_a_file"), ("loose.png", "not_a_file")]
     assert manifest["num"]["train"] + manifest["num"]["val"] + manifest["num"]["test"] == 10
@@ -554,7 +554,7 @@ def test_a_fifo_or_device_named_like_an_image_is_quarantined_unopened(tmp_path, 
 
 def test_names_that_are_not_utf8_are_kept_escaped(tmp_path):
     """A file and a class folder whose names are not UTF-8: prepared, and named in the manifest
-    and quarantine.json as escaped bytes (components.images.file_name), valid UTF-8 JSON."""
+    and quarantine.json as escaped bytes (components.data.images.file_name), valid UTF-8 JSON."""
     root = folder(tmp_path / "raw", {"a": 5, "b": 5})
     folder(raw_name(root, b"caf\xe9"), {"": 5}, seed=1)  # a Latin-1 name
     raw_name(root / "a", b"bad\xff.png").write_bytes(b"not an image")
@@ -563,9 +563,9 @@ def test_names_that_are_not_utf8_are_kept_escaped(tmp_path):
     _, manifest, _ = run(tmp_path / "out", source="imagefolder", root=root, image_size=16)
     assert class_names(manifest) == ["a", "b", "caf\\xe9"]
     assert manifest["counts"]["train"]["caf\\xe9"] > 0
-    quarantine = json.loads((tmp_path / "out" / files.QUARANTINE).read_text())
+    quarantine = json.loads((tmp_path / "out" / outputs.QUARANTINE).read_text())
     assert [(q["path"], q["reason"]) for q in quarantine] == [("a/bad\\xff.png", "not_an_image")]
-    for name in (files.MANIFEST, files.QUARANTINE):
+    for name in (outputs.MANIFEST, outputs.QUARANTINE):
         text = (tmp_path / "out" / name).read_bytes().decode("utf-8")
         assert "\\ud" not in text  # no lone surrogate escaped into the JSON
     assert raw_name(root, unescape_name(quarantine[0]["path"])).is_file()
@@ -608,7 +608,7 @@ def test_relative_paths_are_relative_to_the_working_directory(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     result = prepare(validate({"data": {"source": "imagefolder", "root": "raw", "image_size": 16},
                                "paths": {"prepared": "data/prepared"}}))
-    assert (tmp_path / "data/prepared" / files.MANIFEST).is_file()
+    assert (tmp_path / "data/prepared" / outputs.MANIFEST).is_file()
     assert sum(result.counts.values()) == 10
 
 
@@ -618,7 +618,7 @@ def test_relative_paths_are_relative_to_the_working_directory(tmp_path, monkeypa
 def test_a_replaced_output_folder_keeps_dvcs_gitignore(tmp_path):
     """A step run by hand replaces its folder whole; the .gitignore DVC wrote there stays, or git
     would offer to commit the cached outputs (and `dvc repro` then refuses them)."""
-    from components.atomic import atomic_dir
+    from components.core.atomic import atomic_dir
 
     out = tmp_path / "outputs/evaluate"
     with atomic_dir(out) as tmp:
@@ -652,8 +652,8 @@ def test_a_killed_run_leaves_the_previous_output_intact(tmp_path):
         f"paths:\n  prepared: {out}\n"
         f"data:\n  source: imagefolder\n  root: {big}\n  image_size: 16\n")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "components.prepare", "--params", str(tmp_path / "params.yaml")],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "cnn_pipeline", "prepare", "--params", str(tmp_path /
+        "params.yaml")], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: the kill takes its workers too
     )
     try:
@@ -696,16 +696,16 @@ def test_a_disk_that_fills_is_an_error_naming_it_and_the_output_stays_intact(tmp
         "data:\n  source: imagefolder\n  root: raw\n  image_size: 16\n")
     listing = '(cd "$DISK/prepared" && sha256sum *)'
     done = on_small_disk(f"""
-        $PY -m components.prepare > /dev/null 2>&1
+        $PY -m cnn_pipeline prepare > /dev/null 2>&1
         {listing} > before.txt
         {FILL}
         truncate -s -128k "$DISK/filler"
-        $PY -m components.prepare --set data.image_size=64 2> full.err && echo 0 > full.rc \
+        $PY -m cnn_pipeline prepare --set data.image_size=64 2> full.err && echo 0 > full.rc \
             || echo $? > full.rc
         {listing} > during.txt
         ls -A "$DISK" > left.txt
         rm "$DISK/filler"
-        $PY -m components.prepare --set data.image_size=64 > after.json 2> after.err
+        $PY -m cnn_pipeline prepare --set data.image_size=64 > after.json 2> after.err
         """, tmp_path / "disk", tmp_path, "1m")
     assert done.returncode == 0, done.stderr
     err = (tmp_path / "full.err").read_text()
@@ -725,7 +725,7 @@ def test_a_second_prepare_into_the_same_folder_waits_for_the_first(tmp_path):
     (tmp_path / "params.yaml").write_text(
         f"paths:\n  prepared: {out}\n"
         f"data:\n  source: imagefolder\n  root: {big}\n  image_size: 16\n")
-    cmd = [sys.executable, "-m", "components.prepare"]
+    cmd = [sys.executable, "-m", "cnn_pipeline", "prepare"]
     first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     try:
@@ -746,7 +746,7 @@ def test_a_second_prepare_into_the_same_folder_waits_for_the_first(tmp_path):
 
 
 def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "components.prepare", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "cnn_pipeline", "prepare", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -21,12 +21,12 @@ import pytest
 import torch
 import yaml
 
-from components import checkpoint as ckpt
-from components import files
-from components.params import Register, load_params
-from components.prepared import class_names, load_split, read_manifest
+from components.core import outputs
+from components.core.params import Register, load_params
+from components.data.dataset import class_names, load_split, read_manifest
 from components.register import Classifier, Scores, decide, gate_metrics, register, score
-from components.tracking import Tracker, tracked
+from components.tracking.run import Tracker, tracked
+from components.training import checkpoint as ckpt
 from tests.projects import SETTINGS, get, make_project, pairs
 
 # --- the decision alone --------------------------------------------------------------------------
@@ -108,12 +108,12 @@ def projects(tmp_path_factory) -> dict[str, Path]:
         ("prepared", "data/prepared"), ("augment", "outputs/augment"), ("train", "trained"))]
         + ["train.epochs=6", "train.warmup_epochs=0.5"])
     train(params)
-    return {"a": a, "b": b, "model": a / "trained" / files.MODEL}
+    return {"a": a, "b": b, "model": a / "trained" / outputs.MODEL}
 
 
 def variant(src: Path, dst: Path, suppress: tuple[int, ...] = (), random: bool = False) -> Path:
     """A model file like `src`: random weights, or a head that never answers `suppress`."""
-    from components.models import create_model
+    from components.training.models import create_model
 
     saved = ckpt.load(src, what="model file")
     net, meta = ckpt.load_model(src)
@@ -138,12 +138,12 @@ def candidate(folder: Path, project: Path, model: Path, name: str, **cfg) -> Pat
     shutil.copytree(project / "data", folder / "data")
     shutil.copytree(project / "outputs/augment", folder / "outputs/augment")
     (folder / "outputs/train").mkdir(parents=True)
-    shutil.copy(model, folder / "outputs/train" / files.MODEL)
+    shutil.copy(model, folder / "outputs/train" / outputs.MODEL)
     shutil.copy(ckpt.sha256_path(model), folder / "outputs/train/model.pt.sha256")
     s = scores_of(model, folder / "data/prepared")
     metrics = {"accuracy": s.metrics["accuracy"], "n_test": len(s.recall)}
     (folder / "outputs/evaluate").mkdir(parents=True)
-    (folder / "outputs/evaluate" / files.METRICS).write_text(json.dumps(metrics))
+    (folder / "outputs/evaluate" / outputs.METRICS).write_text(json.dumps(metrics))
     settings = yaml.safe_load((project / "params.yaml").read_text())
     settings["register"] = {**settings["register"], "model_name": name, **cfg}
     (folder / "params.yaml").write_text(yaml.safe_dump(settings))
@@ -203,7 +203,7 @@ def test_gate_first_better_worse_equal(server, projects, tmp_path):
     assert not equal.promoted and "(+0.0000): does not beat it" in equal.reasons[0]
     assert aliases(server, "story")["champion"] == "2"
 
-    decision = json.loads((tmp_path / "4/outputs/register" / files.DECISION).read_text())
+    decision = json.loads((tmp_path / "4/outputs/register" / outputs.DECISION).read_text())
     assert decision["compared_with"]["version"] == "2" and not decision["compared_with"]["rescored"]
     run = get(server, "runs/get", run_id=equal.run_id)["run"]
     assert pairs(run["data"]["tags"])["register.promoted"] == "False"
@@ -273,7 +273,7 @@ def test_a_retried_register_makes_no_second_version(server, projects, tmp_path):
     assert list(rows["class"]) == [str(c) for c in probs.argmax(1)]
 
     # model.pt travels with the registered model: predict and model.checkpoint start from it.
-    from components.checkpoint import load_model, prepare_input, resolve_model_uri
+    from components.training.checkpoint import load_model, prepare_input, resolve_model_uri
 
     model, meta = load_model(resolve_model_uri("models:/retry@champion"))
     with torch.inference_mode():
@@ -299,7 +299,7 @@ def test_two_pipelines_finishing_together_leave_the_better_champion(server, proj
             with Tracker.start(load_params(params_file)) as tracker:
                 tracker.on_train_start(0)  # the run a train would have opened
     env = {**os.environ, "MLFLOW_TRACKING_URI": server}
-    procs = {k: subprocess.Popen([sys.executable, "-m", "components.register", "--params",
+    procs = {k: subprocess.Popen([sys.executable, "-m", "cnn_pipeline", "register", "--params",
                                   str(f)], cwd=f.parent, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
              for k, f in pipelines.items()}

@@ -1,10 +1,10 @@
 """The search's parts, with real Optuna storage (SQLite files), real processes and real training
-on digits: the space is refused before any trial naming the key, a study is found again only
-with its own settings, the budget and the grid are kept exactly by the objective, a trial
-reports each epoch through the storage and stops cleanly when pruned; and `python -m
-flows.sweep` end to end: three workers finish exactly the budget, a worker SIGKILLed mid-trial
-has its trial retried by another, a grid runs each point once with three workers and again
-after the whole search was killed and started again. On a Prefect pool: tests/test_e2e_search.py.
+on digits: the space is refused before any trial naming the key, a study is found again only with
+its own settings, the budget and the grid are kept exactly by the objective, a trial reports each
+epoch through the storage and stops cleanly when pruned; and `cnn-pipeline search` end to
+end: three workers finish exactly the budget, a worker SIGKILLed mid-trial has its trial retried by
+another, a grid runs each point once with three workers and again after the whole search was killed
+and started again. On a Prefect pool: tests/test_e2e_search.py.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import pytest
 import sqlalchemy
 from mlflow import MlflowClient
 
-from components import files
-from components.params import ParamsError, UserError, load_params, sections
+from components.core import outputs
+from components.core.params import ParamsError, UserError, load_params, sections
 from components.train import StopTraining, train
-from flows import study as study_mod
-from flows.search import decide, preflight, run_child, skip_reason, suggest
-from flows.sweep import search_worker, sweep
-from flows.trial import Reporter
+from flows.search import study as study_mod
+from flows.search.sweep import search_worker, sweep
+from flows.search.trial import Reporter
+from flows.search.workers import decide, preflight, run_child, skip_reason, suggest
 from tests.racing import at_once
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def test_a_study_is_found_again_only_with_its_own_settings(tmp_path):
     again = study_mod.open_study(params)
     assert again.study_name == first.study_name and len(again.trials) == 1
     assert again.metric_names == ["val_acc"]  # what optuna-dashboard shows
-    assert study_mod.storage_url(params) == f"sqlite:///{tmp_path / 'search' / files.STUDY_DB}"
+    assert study_mod.storage_url(params) == f"sqlite:///{tmp_path / 'search' / outputs.STUDY_DB}"
 
     other = load_params(project(tmp_path), [space, "train.epochs=3"])
     assert study_mod.study_name(other) != first.study_name  # other settings: another study
@@ -174,7 +174,7 @@ def test_a_new_storage_opened_by_several_processes_at_once_opens_in_each(tmp_pat
     same moment (two searches started together, a test watching one) collide. Before the retry,
     4 of every 10 such opens failed here with "table ... already exists" or a UNIQUE constraint."""
     for round_ in range(3):
-        url = f"sqlite:///{tmp_path / f'race{round_}' / files.STUDY_DB}"
+        url = f"sqlite:///{tmp_path / f'race{round_}' / outputs.STUDY_DB}"
         errors = at_once(lambda _, url=url: optuna.get_all_study_names(
             study_mod.open_storage(url)), RACERS)
         assert not errors, errors[0]
@@ -295,9 +295,9 @@ CHILD_ENDS = [  # (the child's code, what the trial's failure says)
 @pytest.mark.parametrize(("code", "said"), CHILD_ENDS, ids=["killed", "refused"])
 def test_a_training_process_that_ends_badly_fails_its_trial_saying_how(tmp_path, code, said):
     with pytest.raises(RuntimeError, match=said):
-        run_child("trial-0", [sys.executable, "-c", code], tmp_path / "t" / files.TRIAL_LOG)
+        run_child("trial-0", [sys.executable, "-c", code], tmp_path / "t" / outputs.TRIAL_LOG)
     assert run_child("trial-1", [sys.executable, "-c", "print('{\"value\": 1}')"],
-                     tmp_path / files.TRIAL_LOG) == {"value": 1}
+                     tmp_path / outputs.TRIAL_LOG) == {"value": 1}
 
 
 def test_the_flows_forms_hold_only_what_a_user_sets():
@@ -351,11 +351,11 @@ def test_train_stopped_by_a_callback_ends_cleanly(tmp_path, digits):
     assert result.epochs == 2 and result.stopped_by == "enough" and result.stopped_early
     assert stopper.heard == listener.heard == [1, 2]  # every callback heard the last epoch
     out = tmp_path / "train"
-    assert len(json.loads((out / files.HISTORY).read_text())) == 2
-    assert (out / files.CHECKPOINTS / files.LAST).is_file() and (out / files.MODEL).is_file()
+    assert len(json.loads((out / outputs.HISTORY).read_text())) == 2
+    assert (out / outputs.CHECKPOINTS / outputs.LAST).is_file() and (out / outputs.MODEL).is_file()
 
 
-# --- `python -m flows.sweep`: workers as processes ----------------------------------------------
+# --- `cnn-pipeline search`: workers as processes ----------------------------------------------
 
 SMALL = ["evaluate.mistakes=0", "augment.preview_images=2", "augment.preview_views=2",
          "search.pruner=none"]
@@ -367,7 +367,7 @@ def _sweep(folder: Path, overrides: list[str]) -> subprocess.Popen:
         (folder / "data/raw").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # embedded store
     env["PYTHONPATH"] = str(ROOT)
-    return subprocess.Popen([sys.executable, "-m", "flows.sweep",
+    return subprocess.Popen([sys.executable, "-m", "cnn_pipeline", "search",
                              *(f"--set={o}" for o in [*SMALL, *overrides])], cwd=folder, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -379,7 +379,7 @@ def _finished(run: subprocess.Popen, timeout: float = 900) -> dict:
 
 
 def _study(folder: Path) -> optuna.Study:
-    url = f"sqlite:///{folder / 'outputs/search' / files.STUDY_DB}"
+    url = f"sqlite:///{folder / 'outputs/search' / outputs.STUDY_DB}"
     name, = optuna.get_all_study_names(url)
     return optuna.load_study(study_name=name, storage=url)
 
@@ -390,7 +390,7 @@ def _wait_until(folder: Path, run: subprocess.Popen, ready, what: str) -> list:
     while time.monotonic() < deadline:
         assert run.poll() is None, run.communicate()[1][-4000:]
         with contextlib.suppress(Exception):  # not made yet, or busy
-            assert (folder / "outputs/search" / files.STUDY_DB).is_file()  # reading makes it
+            assert (folder / "outputs/search" / outputs.STUDY_DB).is_file()  # reading makes it
             trials = _study(folder).trials
             seen = [(t.number, t.state.name, len(t.intermediate_values)) for t in trials]
             if ready(trials):
@@ -409,7 +409,7 @@ def _trial_process(run: subprocess.Popen, number: int) -> psutil.Process:
     for proc in psutil.Process(run.pid).children(recursive=True):
         with contextlib.suppress(psutil.Error, ValueError, IndexError):
             cmd = proc.cmdline()
-            if "flows.trial" in cmd and cmd[cmd.index("--number") + 1] == str(number):
+            if "flows.search.trial" in cmd and cmd[cmd.index("--number") + 1] == str(number):
                 return proc
     raise AssertionError(f"no training process of trial {number}")
 
@@ -430,7 +430,7 @@ def test_three_workers_finish_exactly_the_budget_and_train_nothing_beyond_it(tmp
     assert len(finished) == 6 and summary["trials"]["COMPLETE"] == 6
     assert all(t.user_attrs.get("skipped") for t in trials if t.state == S.FAIL)
     trained = {int(p.parts[-3].removeprefix("trial-")) for p in (
-        tmp_path / "outputs/search" / summary["study"]).glob("trial-*/train/history.json")}
+        tmp_path / "outputs/search" / summary["study"]).glob(f"trial-*/train/{outputs.HISTORY}")}
     assert trained == finished  # no trial beyond the budget trained
     assert [v.run_id for v in _versions(tmp_path, "budget")] == [summary["best"]["mlflow_run"]]
 

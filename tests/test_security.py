@@ -31,11 +31,10 @@ import pytest
 import torch
 import yaml
 
-from components import checkpoint as ckpt
-from components import files
-from components.cli import run_step
-from components.credentials import credential_name, redact, secrets_in, shown
-from components.params import ParamsError, UserError, flatten, load_params
+from components.core import outputs
+from components.core.params import ParamsError, UserError, flatten, load_params
+from components.core.secrets import credential_name, redact, secrets_in, shown
+from components.training import checkpoint as ckpt
 
 PROJECT = Path(__file__).resolve().parents[1]
 SECRET = "hunter2-canary"  # never to appear in a message, a param or a tag
@@ -71,7 +70,7 @@ def test_a_credential_named_setting_in_the_file_is_refused(tmp_path, key, text):
 @pytest.mark.parametrize(("override", "key"), [
     (f"train.password={SECRET}", "train.password"),
     (f"model.private_key={SECRET}", "model.private_key"),
-    (f"model.checkpoint=http://bob:{SECRET}@mlflow.example:5000/{files.MODEL}",
+    (f"model.checkpoint=http://bob:{SECRET}@mlflow.example:5000/{outputs.MODEL}",
      "model.checkpoint"),
     (f"model.checkpoint=https://{SECRET}@models.example/m.pt", "model.checkpoint"),  # a token
     (f"register.experiment=-----BEGIN RSA PRIVATE KEY-----{SECRET}", "register.experiment"),
@@ -99,24 +98,36 @@ def test_names_are_judged_by_whole_words():
                        "data": {"root": "https://example.org/data@v2/x"}}) == []
 
 
+RAN: list = []
+
+
+def _record(params) -> dict:
+    """A stand-in step for the command line: records that it ran."""
+    RAN.append(params)
+    return {}
+
+
 def test_the_command_line_refuses_before_any_work(tmp_path, capsys):
+    from cnn_pipeline import cli
+    from cnn_pipeline.commands import Command
+
     (tmp_path / "params.yaml").write_text("train:\n  epochs: 2\n")
-    ran = []
     with pytest.raises(SystemExit) as info:
-        run_step(ran.append, ["--params", str(tmp_path / "params.yaml"),
-                              "--set", f"model.api_key={SECRET}"])
+        cli.main(["record", "--params", str(tmp_path / "params.yaml"),
+                  "--set", f"model.api_key={SECRET}"],
+                 {"record": Command(f"{__name__}:_record", "records that it ran", step=True)})
     err = capsys.readouterr().err
-    assert info.value.code == 2 and not ran
+    assert info.value.code == 2 and not RAN
     assert "model.api_key" in err and SECRET not in err
 
 
 def test_the_flow_parameters_are_refused_the_same_way(tmp_path):
     """The flow's typed overrides (what Prefect validates a run's parameters against) and the
-    merge into the file (flows.settings.resolve, what the flow calls) both refuse."""
+    merge into the file (flows.parameters.resolve, what the flow calls) both refuse."""
     from prefect.exceptions import ParameterTypeError
 
+    from flows.parameters import resolve
     from flows.pipeline import training_pipeline
-    from flows.settings import resolve
 
     for model in ({"api_token": SECRET}, {"checkpoint": f"http://u:{SECRET}@host/m.pt"},
                   {"checkpoint": f"https://host/m.pt?token={SECRET}"}):
@@ -179,7 +190,7 @@ def test_a_user_error_never_carries_a_secret():
 def test_a_search_storage_that_cannot_be_opened_is_named_without_its_password(url, monkeypatch):
     """CNN_PIPELINE_SEARCH_STORAGE may hold a password (search.storage may not): a real Optuna
     storage on a database that is not there fails with a UserError that names it, redacted."""
-    from flows import study
+    from flows.search import study
 
     monkeypatch.setenv(study.STORAGE_ENV, url)
     with pytest.raises(UserError) as info:
@@ -188,7 +199,7 @@ def test_a_search_storage_that_cannot_be_opened_is_named_without_its_password(ur
 
 
 def test_an_unreachable_tracking_server_is_named_without_its_password():
-    from components.tracking import check_reachable
+    from components.tracking.store import check_reachable
 
     for uri in (f"http://bob:{SECRET}@127.0.0.1:9", f"http://127.0.0.1:9/?token={SECRET}"):
         with pytest.raises(UserError) as info:
@@ -219,7 +230,7 @@ def test_a_planted_secret_reaches_no_message_log_or_mlflow(tmp_path, digits, ove
                   "train": str(tmp_path / "train")},
         "train": {"epochs": 1, "device": "cpu"}}))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    proc = subprocess.run([sys.executable, "-m", "components.train", "--set", override],
+    proc = subprocess.run([sys.executable, "-m", "cnn_pipeline", "train", "--set", override],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert SECRET not in proc.stderr + proc.stdout
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and key in proc.stderr
@@ -235,7 +246,7 @@ def test_a_tag_quoting_an_address_is_redacted(tmp_path, monkeypatch):
     the one redaction, into a real SQLite-backed MLflow store."""
     from mlflow import MlflowClient
 
-    from components.tracking import Tracker
+    from components.tracking.run import Tracker
     from tests.projects import make_project
 
     monkeypatch.chdir(make_project(tmp_path / "project", dvc=False))
@@ -375,7 +386,7 @@ WRITERS = {  # every format torch.load accepts, each carrying the payload
 def malicious(request, tmp_path) -> tuple[Path, Path]:
     """(model.pt with the payload and a matching .sha256, the canary it would create)."""
     canary = tmp_path / "canary"
-    path = tmp_path / "bad" / files.MODEL
+    path = tmp_path / "bad" / outputs.MODEL
     path.parent.mkdir()
     WRITERS[request.param](_model_file(canary), path)
     return _seal(path), canary
@@ -405,9 +416,9 @@ def test_checkpoint_load_refuses_pickled_code(malicious):
     path, canary = malicious
     assert "cannot be read safely" in _refused(lambda: ckpt.load(path), canary)
     # as train's resume reads checkpoints/last.pt
-    path.rename(path.with_name(files.LAST))
-    _seal(path.with_name(files.LAST))
-    _refused(lambda: ckpt.load(path.with_name(files.LAST)), canary)
+    path.rename(path.with_name(outputs.LAST))
+    _seal(path.with_name(outputs.LAST))
+    _refused(lambda: ckpt.load(path.with_name(outputs.LAST)), canary)
 
 
 def test_load_model_refuses_pickled_code(malicious):
@@ -438,7 +449,7 @@ def test_predict_refuses_pickled_code(malicious, tmp_path):
 
 
 def test_prepared_data_refuses_object_arrays(tmp_path):
-    from components.prepared import load_split, x_path, y_path
+    from components.data.dataset import load_split, x_path, y_path
 
     canary = tmp_path / "canary"
     root = tmp_path / "prepared"
@@ -474,7 +485,7 @@ def test_register_rescores_a_champion_without_running_its_code(tmp_path, monkeyp
     payload: the gate's rescoring of it runs neither."""
     from mlflow import MlflowClient
 
-    from components.prepared import Split
+    from components.data.dataset import Split
     from components.register import Scores, _champion_scores
 
     monkeypatch.chdir(tmp_path)
@@ -488,8 +499,8 @@ def test_register_rescores_a_champion_without_running_its_code(tmp_path, monkeyp
     (model / "MLmodel").write_text(yaml.safe_dump({"flavors": {"python_function": {
         "loader_module": "planted_loader", "code": "code", "python_version": "3.11"}}}))
     (model / "extra_files").mkdir()
-    torch.save(_model_file(canary), model / "extra_files" / files.MODEL)
-    _seal(model / "extra_files" / files.MODEL)
+    torch.save(_model_file(canary), model / "extra_files" / outputs.MODEL)
+    _seal(model / "extra_files" / outputs.MODEL)
 
     client = MlflowClient(uri)
     experiment = client.create_experiment("sec", artifact_location=(tmp_path / "art").as_uri())
@@ -513,7 +524,7 @@ def test_tracked_params_and_tags_carry_no_credential(tmp_path, monkeypatch, stac
     """A run started the way train starts it, against a real server (the session's), with the
     credentials where the refusal says they go (the environment): its params are exactly the
     validated settings, and no param, tag or file the run leaves behind holds the password."""
-    from components.tracking import Tracker
+    from components.tracking.run import Tracker
     from tests.projects import make_project
 
     root = make_project(tmp_path / "project", dvc=False)
@@ -529,4 +540,4 @@ def test_tracked_params_and_tags_carry_no_credential(tmp_path, monkeypatch, stac
     assert secrets_in(data.params) == [] and secrets_in(data.tags) == []
     logged = [*data.params.items(), *data.tags.items()]
     assert not [kv for kv in logged if SECRET in str(kv)]
-    assert SECRET not in (Path(params.paths.train) / files.RUN).read_text()
+    assert SECRET not in (Path(params.paths.train) / outputs.RUN).read_text()

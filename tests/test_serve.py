@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components import files
-from components.images import BadImage, decode
-from components.params import ParamsError, Predict
-from components.prepared import load_split
-from components.serve import (
+from components.core import outputs
+from components.core.params import ParamsError, Predict
+from components.data.dataset import load_split
+from components.data.images import BadImage, decode
+from components.serving.pyfunc import (
     BadRequest,
     check_pixels,
     file_bytes,
@@ -392,4 +392,4 @@ def test_the_pyfunc_in_python_and_what_register_logged(registered):
     rows = model.predict(pd.DataFrame({"image": [png(x) for x in test.x[:5]]}))
     arrays = model.unwrap_python_model().classify(np.asarray(test.x[:5]))
     assert list(rows["class"]) == list(arrays["class"])
-    assert (local / "artifacts" / files.MODEL).is_file()  # what the gate and predict read
+    assert (local / "artifacts" / outputs.MODEL).is_file()  # what the gate and predict read

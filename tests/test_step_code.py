@@ -1,4 +1,4 @@
-"""What a step's code is, computed from its imports (components/step_code.py), and what follows
+"""What a step's code is, computed from its imports (components/core/step_code.py), and what follows
 from it: dvc.yaml's code deps equal it for every stage, train's resume fingerprint covers it, the
 exclusions are honest, and no module that is not a step imports a step.
 """
@@ -14,18 +14,28 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import step_code
-from components.step_code import EXCLUDED, STEPS, code_hashes
+from cnn_pipeline.commands import COMMANDS
+from components.core import step_code
+from components.core.step_code import EXCLUDED, STEPS, code_hashes
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPONENTS = sorted(p for p in (ROOT / "components").glob("*.py") if p.name != "__init__.py")
+COMPONENTS = sorted(p for p in (ROOT / "components").rglob("*.py") if p.name != "__init__.py")
+# Below the steps: what they use, one folder per concern. None imports a step or the command line.
+CONCERNS = ("core", "data", "training", "serving", "tracking", "report")
+
+
+def stage_module(cmd: str) -> str:
+    """The module a stage's command runs: `cnn-pipeline <step>` runs COMMANDS[step]'s."""
+    program, command = cmd.split()[:2]
+    assert program == "cnn-pipeline", cmd
+    return COMMANDS[command].run.split(":")[0]
 
 
 def code_deps_mismatches(dvc_yaml: dict) -> list[str]:
     """One line per stage whose code deps (deps ending in .py) differ from its module's code."""
     problems = []
     for stage, spec in dvc_yaml["stages"].items():
-        module = spec["cmd"].split("-m", 1)[1].split()[0]
+        module = stage_module(spec["cmd"])
         listed = {d for d in spec.get("deps", []) if str(d).endswith(".py")}
         computed = set(step_code.step_code(module))
         for path in sorted(computed - listed):
@@ -39,24 +49,25 @@ def test_every_stage_depends_on_exactly_its_modules_code():
     dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     assert list(dvc_yaml["stages"]) == list(STEPS)
     problems = code_deps_mismatches(dvc_yaml)
-    assert not problems, "dvc.yaml's code deps drifted (python -m components.step_code):\n" + \
+    assert not problems, "dvc.yaml's code deps drifted (cnn-pipeline step-code):\n" + \
         "\n".join(problems)
 
 
 def test_the_check_fails_naming_the_stage_and_file_when_a_dep_is_missing_or_extra():
     dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     broken = copy.deepcopy(dvc_yaml)
-    broken["stages"]["evaluate"]["deps"].remove("components/checkpoint.py")
+    broken["stages"]["evaluate"]["deps"].remove("components/training/checkpoint.py")
     broken["stages"]["register"]["deps"].append("components/augment.py")
     assert code_deps_mismatches(broken) == [
-        "stage evaluate: components/checkpoint.py is imported by components.evaluate but not a dep",
+        "stage evaluate: components/training/checkpoint.py is imported by components.evaluate "
+        "but not a dep",
         "stage register: components/augment.py is a dep but not imported by components.register",
     ]
 
 
 def test_function_level_imports_and_modules_loaded_by_name_count(tmp_path, monkeypatch):
     root = tmp_path / "project"
-    (root / "components").mkdir(parents=True)
+    (root / "components/core").mkdir(parents=True)
     (root / "components/__init__.py").write_text("")
     (root / "components/step.py").write_text(
         "from components import helper\n\ndef main():\n    import components.lazy\n")
@@ -64,7 +75,7 @@ def test_function_level_imports_and_modules_loaded_by_name_count(tmp_path, monke
         'WORKER = "components.worker"\nLOADED_BY_NAME = (WORKER, "components.other")\n')
     for name in ("lazy", "worker", "other", "unused"):
         (root / f"components/{name}.py").write_text("")
-    (root / "components/atomic.py").write_text("import components.unused\n")
+    (root / "components/core/atomic.py").write_text("import components.unused\n")
     (root / "components/lazy.py").write_text("from . import atomic\n")
     monkeypatch.setattr(step_code, "ROOT", root)
     step_code._imports.cache_clear()
@@ -82,22 +93,24 @@ def test_the_fingerprint_hashes_exactly_trains_code():
 
     manifest = {"hashes": {}, "classes": [{"name": "a", "index": 0}], "image_size": [8, 8],
                 "channels": 1}
-    from components.params import Params
+    from components.core.params import Params
 
     found = _fingerprint(Params(), manifest, {})
     assert found["code"] == code_hashes("components.train")
     assert set(found["code"]) == set(step_code.step_code("components.train"))
-    assert {"components/recipe.py", "components/batches.py", "components/ddp.py"} <= set(
-        found["code"])
+    assert {"components/training/setup.py", "components/training/batches.py",
+            "components/training/ddp.py"} <= set(found["code"])
 
 
 def test_the_served_models_code_is_registers():
-    """register logs components/served.py (which MLflow loads by its path) as the served model's
+    """register logs components/serving/model_code.py (which MLflow loads by its path) as the served
+    model's
     code: its code is part of register's, so a change to serving registers a new model."""
-    served = set(step_code.step_code("components.served"))
-    assert {"components/served.py", "components/serve.py", "components/images.py"} <= served
+    served = set(step_code.step_code("components.serving.model_code"))
+    assert {"components/serving/model_code.py", "components/serving/pyfunc.py",
+            "components/data/images.py"} <= served
     assert served <= set(step_code.step_code("components.register"))
-    assert "components/onnx_model.py" in step_code.step_code("components.export")
+    assert "components/serving/onnx_model.py" in step_code.step_code("components.export")
 
 
 @pytest.mark.parametrize("path", sorted(EXCLUDED))
@@ -106,8 +119,8 @@ def test_excluded_modules_compute_nothing_a_step_outputs(path):
     no step, no model or data code, no torch (only settings and the command line that reads them,
     file names and other excluded modules, and the prepared data's reader for a dataset record)."""
     assert (ROOT / path).is_file(), f"{path} is excluded but does not exist"
-    allowed = {"components", "components.params", "components.cli", "components.files",
-               "components.prepared",
+    allowed = {"components", "components.core", "components.core.params", "components.tracking",
+               "components.core.outputs", "components.data.dataset",
                *(p.removesuffix(".py").replace("/", ".") for p in EXCLUDED)}
     imported = _project_imports(ROOT / path)
     assert imported <= allowed, f"{path} imports {sorted(imported - allowed)}"
@@ -130,7 +143,7 @@ def test_no_module_that_is_not_a_step_imports_a_step():
 def test_a_copy_with_a_module_outside_the_rule_is_seen(tmp_path):
     """The import-graph check can fail: an infrastructure module importing a step is caught."""
     copy_ = tmp_path / "tracking.py"
-    shutil.copy(ROOT / "components/tracking.py", copy_)
+    shutil.copy(ROOT / "components/tracking/run.py", copy_)
     copy_.write_text(copy_.read_text() + "\n\ndef _x():\n    from components.augment import x\n")
     assert "components.augment" in _project_imports(copy_)
     assert _steps_imported(copy_) == {"components.augment"}
@@ -144,7 +157,7 @@ def test_modules_loaded_by_name_are_read_as_their_module_defines_them():
     """step_code reads LOADED_BY_NAME without running the module: each one it reads equals the
     module's own value, and one it cannot read statically is refused, naming it."""
     found = 0
-    for path in sorted([*ROOT.glob("components/*.py"), *ROOT.glob("flows/*.py")]):
+    for path in sorted([*ROOT.rglob("components/**/*.py"), *ROOT.rglob("flows/**/*.py")]):
         tree = ast.parse(path.read_text())
         if not any(isinstance(node, ast.Assign) and step_code.BY_NAME in
                    [t.id for t in node.targets if isinstance(t, ast.Name)] for node in tree.body):
@@ -153,9 +166,9 @@ def test_modules_loaded_by_name_are_read_as_their_module_defines_them():
         assert step_code.loaded_by_name(tree) == list(module.LOADED_BY_NAME), path
         found += 1
     assert found >= 3  # ddp, serve, kfp_tasks
-    import flows.kfp_tasks
+    import flows.kubeflow.tasks
 
-    assert tuple(f"components.{s}" for s in STEPS) == flows.kfp_tasks.LOADED_BY_NAME
+    assert tuple(f"components.{s}" for s in STEPS) == flows.kubeflow.tasks.LOADED_BY_NAME
     with pytest.raises(ValueError, match="LOADED_BY_NAME = tuple"):
         step_code.loaded_by_name(ast.parse("LOADED_BY_NAME = tuple(x for x in 'ab')"))
 
@@ -179,16 +192,35 @@ def _top_level_imports(path: Path) -> set[str]:
 
 
 def _closure_with_exclusions(module: str) -> set[str]:
-    """step_code's closure, keeping the excluded files in (not followed) to see who imports them."""
+    """Every project file `module` imports, the excluded ones and what they import included: the
+    import graph, to see who imports an excluded file."""
     seen, todo = set(), [module]
     while todo:
-        path = step_code._file(todo.pop())
+        name = todo.pop()
+        path = step_code._file(name)
         if path is None or path in seen:
             continue
         seen.add(path)
-        if path not in EXCLUDED:
-            todo += step_code._imports(path)
+        todo += step_code._imports(path) + step_code._package_inits(name)
     return seen
+
+
+@pytest.mark.parametrize("concern", CONCERNS)
+def test_no_module_of_a_concern_imports_a_step_or_the_command_line(concern):
+    """data, training, serving, tracking, core and report code never import a step or the
+    command line (cnn_pipeline/): only the command line and the flows do."""
+    for path in sorted((ROOT / "components" / concern).glob("*.py")):
+        imported = set(_imports_of(path))
+        bad = {n for n in imported if n.split(".")[0] == "cnn_pipeline"} | _steps_imported(path)
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_the_import_rule_check_sees_a_module_that_breaks_it(tmp_path):
+    """The check above can fail: a concern's module importing the command line is caught."""
+    copy_ = tmp_path / "images.py"
+    copy_.write_text((ROOT / "components/data/images.py").read_text()
+                     + "\n\ndef _x():\n    from cnn_pipeline.cli import show\n")
+    assert "cnn_pipeline.cli" in _imports_of(copy_)
 
 
 def test_no_test_module_imports_another():

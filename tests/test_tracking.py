@@ -20,20 +20,24 @@ import pytest
 import torch
 import yaml
 
-from components import evaluate, files, register, train
-from components.checkpoint import load_model, prepare_input
-from components.params import flatten, load_params
-from components.prepared import load_split
-from components.tracking import Tracker, data_hash, dvc_dir_hash, params_hash
+from cnn_pipeline.cli import main as command
+from components import evaluate, register, train
+from components.core import outputs
+from components.core.params import flatten, load_params
+from components.data.dataset import load_split
+from components.tracking.lineage import data_hash, dvc_dir_hash, params_hash
+from components.tracking.run import Tracker
+from components.training.checkpoint import load_model, prepare_input
 from tests.projects import get, make_project, pairs
 from tests.servers import free_port, mlflow_server
 
 pytestmark = pytest.mark.slow
 
 ARTIFACTS = {
-    f"augment/{files.POLICY}", f"augment/{files.PREVIEW}", f"data/{files.MANIFEST}", "params.yaml",
-    "dvc.lock", f"train/{files.HISTORY}", f"register/{files.DECISION}",
-    *(f"evaluate/{name}" for name in files.EVALUATE),
+    f"augment/{outputs.POLICY}", f"augment/{outputs.PREVIEW}", f"data/{outputs.MANIFEST}",
+    "params.yaml",
+    "dvc.lock", f"train/{outputs.HISTORY}", f"register/{outputs.DECISION}",
+    *(f"evaluate/{name}" for name in outputs.EVALUATE),
 }
 
 
@@ -69,12 +73,12 @@ def history(uri: str, run_id: str, key: str) -> list[int]:
 
 def run_pipeline(*steps) -> None:
     for step in steps:
-        step.main(["--params", "params.yaml"])
+        command([step.__name__.rsplit(".", 1)[-1], "--params", "params.yaml"])
 
 
 def check_pipeline_run(uri: str, commit: str, dirty: str) -> str:
     """Everything one pipeline run should leave in MLflow; returns the run id."""
-    run_id = json.loads((Path("outputs/train") / files.RUN).read_text())["run_id"]
+    run_id = json.loads((Path("outputs/train") / outputs.RUN).read_text())["run_id"]
     run = get(uri, "runs/get", run_id=run_id)["run"]
     params = load_params()
     assert run["info"]["status"] == "FINISHED"
@@ -141,7 +145,7 @@ def test_data_hash_is_the_one_dvc_records(base: Path, tmp_path: Path):
     ("glorious-lemur", "itchy-moms", [], "glorious-lemur"),  # a flow run's name, given
 ])
 def test_a_runs_name_tells_it_apart(tmp_path, monkeypatch, given, experiment, overrides, name):
-    from components.tracking import run_name
+    from components.tracking.run import run_name
 
     (tmp_path / "params.yaml").write_text("train:\n  epochs: 30\n")
     monkeypatch.chdir(tmp_path)
@@ -162,13 +166,13 @@ def test_pipeline_is_one_run_on_a_tracking_server(project: Path, monkeypatch):
         import mlflow.pyfunc
         import pandas as pd
 
-        from components.serve import png
+        from components.serving.pyfunc import png
 
         test = load_split("data/prepared", "test")
         model = mlflow.pyfunc.load_model("models:/tracked@champion")  # runs its code: ours
         rows = model.predict(pd.DataFrame({"image": [png(np.asarray(x)) for x in test.x]}))
         probs = np.array(list(rows["probabilities"]))
-        net, meta = load_model(Path("outputs/train") / files.MODEL)
+        net, meta = load_model(Path("outputs/train") / outputs.MODEL)
         with torch.no_grad():
             expected = net(prepare_input(test.x, meta)).softmax(1).numpy()
         np.testing.assert_allclose(probs, expected, atol=1e-5)
@@ -190,7 +194,7 @@ def test_unreachable_server_fails_before_training(project: Path, monkeypatch, ca
     address = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", address)
     with pytest.raises(SystemExit) as exit_:
-        train.main(["--params", "params.yaml"])
+        command(["train", "--params", "params.yaml"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert address in err and "unreachable" in err
@@ -223,7 +227,7 @@ def test_server_away_during_training_loses_no_metric(project: Path, monkeypatch)
 
     with Tracker.start(params) as tracker:
         train.train(params, callbacks=[tracker, Outage()])
-    pending = json.loads((project / "outputs/train" / files.PENDING).read_text())
+    pending = json.loads((project / "outputs/train" / outputs.PENDING).read_text())
     [entry] = pending.values()
     assert {m["key"] for m in entry["metrics"]} >= {"train.seconds"}
 
@@ -234,8 +238,8 @@ def test_server_away_during_training_loses_no_metric(project: Path, monkeypatch)
         assert history(uri, tracker.run_id, "train.seconds") == [2]
         run = get(uri, "runs/get", run_id=tracker.run_id)["run"]
         assert pairs(run["data"]["tags"])["train.device"] == "cpu"
-        assert f"train/{files.HISTORY}" in artifacts(uri, tracker.run_id)
-    assert not (project / "outputs/train" / files.PENDING).exists()
+        assert f"train/{outputs.HISTORY}" in artifacts(uri, tracker.run_id)
+    assert not (project / "outputs/train" / outputs.PENDING).exists()
 
 
 def test_a_step_in_process_leaves_mlflows_default_as_it_found_it(monkeypatch, tmp_path):
@@ -243,7 +247,7 @@ def test_a_step_in_process_leaves_mlflows_default_as_it_found_it(monkeypatch, tm
     models:/ URIs); afterwards a flow's next task, or the next test, must not find it there."""
     import mlflow
 
-    from components.tracking import mlflow_default
+    from components.tracking.store import mlflow_default
 
     before = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", before)

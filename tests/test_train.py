@@ -26,14 +26,15 @@ import torch.nn.functional as F
 import yaml
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
-from components import checkpoint as ckpt
-from components import files, recipe
 from components import train as train_module
-from components.batches import BalancedOrder, share
-from components.params import ParamsError, Train, UserError, load_params, validate
+from components.core import outputs
+from components.core.params import ParamsError, Train, UserError, load_params, validate
+from components.data.dataset import class_names, load_split, read_manifest
 from components.predict import score
-from components.prepared import class_names, load_split, read_manifest
 from components.train import NonFiniteLossError, class_weights, train, weighted_cross_entropy
+from components.training import checkpoint as ckpt
+from components.training import setup
+from components.training.batches import BalancedOrder, share
 from tests.disks import on_small_disk
 from tests.projects import REDUCED, ROOT
 
@@ -64,7 +65,7 @@ def settings(tmp_path: Path, data: Path, *overrides: str, policy: str = "none"):
 
 
 def run_cli(path: Path, *overrides: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "components.train", "--params", str(path)]
+    args = [sys.executable, "-m", "cnn_pipeline", "train", "--params", str(path)]
     for item in overrides:
         args += ["--set", item]
     # main() tracks in MLflow: an SQLite store beside the run, not in the project or the user's.
@@ -74,7 +75,7 @@ def run_cli(path: Path, *overrides: str) -> subprocess.Popen:
 
 
 def history(out: Path) -> list[dict]:
-    return json.loads((out / files.HISTORY).read_text())
+    return json.loads((out / outputs.HISTORY).read_text())
 
 
 def without_timing(rows: list[dict]) -> list[dict]:
@@ -129,22 +130,22 @@ def test_a_disk_that_fills_is_an_error_naming_it_and_the_run_resumes(tmp_path, d
     finishes."""
     _, path = settings(tmp_path, data)
     path.write_text(path.read_text().replace(str(tmp_path / "train"), "disk/train"))
-    best, last = (f"{files.CHECKPOINTS}/{name}" for name in (files.BEST, files.LAST))
-    checks = ("from components import checkpoint as c; "
+    best, last = (f"{outputs.CHECKPOINTS}/{name}" for name in (outputs.BEST, outputs.LAST))
+    checks = ("from components.training import checkpoint as c; "
               f"print(c.load('{best}')['epoch'], c.load('{last}')['progress']['epoch'])")
     done = on_small_disk(f"""
-        $PY -m components.train > /dev/null 2>&1
+        $PY -m cnn_pipeline train > /dev/null 2>&1
         used=$(du -sk "$DISK" | cut -f1)
-        model=$(du -k "$DISK/train/{files.MODEL}" | cut -f1)
+        model=$(du -k "$DISK/train/{outputs.MODEL}" | cut -f1)
         last=$(du -k "$DISK/train/{last}" | cut -f1)
         rm -r "$DISK/train"
         mount -o remount,size=$((used - model + last / 2))k "$DISK"
-        $PY -m components.train --set train.epochs=2 2> full.err && echo 0 > full.rc \
+        $PY -m cnn_pipeline train --set train.epochs=2 2> full.err && echo 0 > full.rc \
             || echo $? > full.rc
         (cd "$DISK/train" && $PY -c "{checks}") > epochs.txt
-        ls -A "$DISK/train" "$DISK/train/{files.CHECKPOINTS}" > left.txt
+        ls -A "$DISK/train" "$DISK/train/{outputs.CHECKPOINTS}" > left.txt
         mount -o remount,size=8m "$DISK"
-        $PY -m components.train --set train.epochs=2 > after.json 2> after.err
+        $PY -m cnn_pipeline train --set train.epochs=2 > after.json 2> after.err
         """, tmp_path / "disk", tmp_path, "8m",
         env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     assert done.returncode == 0, done.stderr + _read(tmp_path / "after.err")
@@ -170,14 +171,14 @@ def test_entry_point_trains_one_epoch_and_writes_its_files(tmp_path, data):
     result = json.loads(stdout)
     out = tmp_path / "train"
     assert result["epochs"] == 1 and result["resumed_from"] == 0
-    assert Path(result["model_path"]) == out / files.MODEL
+    assert Path(result["model_path"]) == out / outputs.MODEL
     rows = history(out)
     assert [r["epoch"] for r in rows] == [1]
     assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
                             "images_per_s", "epoch_s"}
     assert 0.0 <= rows[0]["val_acc"] <= 1.0 and np.isfinite(rows[0]["train_loss"])
-    for name in (files.MODEL, f"{files.CHECKPOINTS}/{files.LAST}",
-                 f"{files.CHECKPOINTS}/{files.BEST}"):
+    for name in (outputs.MODEL, f"{outputs.CHECKPOINTS}/{outputs.LAST}",
+                 f"{outputs.CHECKPOINTS}/{outputs.BEST}"):
         assert (out / name).is_file() and (out / (name + ".sha256")).is_file(), name
     assert "epoch 1/1" in stderr  # the per-epoch line, also when no progress bar is shown
 
@@ -197,7 +198,7 @@ def test_on_a_terminal_the_bar_moves_during_an_epoch_and_elsewhere_plain_lines_s
     termios.tcsetwinsize(follower, (24, 120))  # a new pty has 0 columns: tqdm would draw nothing
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "TQDM_MININTERVAL": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "components.train", "--params", str(path)],
+    proc = subprocess.Popen([sys.executable, "-m", "cnn_pipeline", "train", "--params", str(path)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=follower)
     os.close(follower)
     shown = bytearray()
@@ -253,12 +254,12 @@ def test_two_runs_with_the_same_seed_are_identical(tmp_path, data):
                              policy="basic")
         results.append(train(params))
     a, b = (Path(r.model_path).parent for r in results)
-    assert_same_weights(weights(a / files.MODEL), weights(b / files.MODEL))
+    assert_same_weights(weights(a / outputs.MODEL), weights(b / outputs.MODEL))
     assert without_timing(history(a)) == without_timing(history(b))
     params, _ = settings(tmp_path / "c", data, "train.epochs=2", "train.seed=1", "train.device=cpu",
                          policy="basic")
     other = train(params)
-    assert not torch.equal(weights(a / files.MODEL)["fc.weight"],
+    assert not torch.equal(weights(a / outputs.MODEL)["fc.weight"],
                            weights(Path(other.model_path))["fc.weight"])
 
 
@@ -277,26 +278,26 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights_and_metrics(tmp_p
     out = tmp_path / "killed" / "train"
     proc = run_cli(path, *run)
     deadline = time.monotonic() + 180
-    while not (out / files.CHECKPOINTS / files.LAST).exists():
+    while not (out / outputs.CHECKPOINTS / outputs.LAST).exists():
         assert proc.poll() is None, proc.communicate()[1]
         assert time.monotonic() < deadline, "no checkpoint within 180 s"
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    done = ckpt.load(out / files.CHECKPOINTS / files.LAST)["progress"]["epoch"]
+    done = ckpt.load(out / outputs.CHECKPOINTS / outputs.LAST)["progress"]["epoch"]
     assert done < 3, "the run finished before it was killed: nothing was tested"
 
     resumed = run_cli(path, *run)
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
     assert json.loads(stdout)["resumed_from"] == done
-    assert f"{out / files.CHECKPOINTS / files.LAST} is this run's, after epoch {done}: " \
+    assert f"{out / outputs.CHECKPOINTS / outputs.LAST} is this run's, after epoch {done}: " \
         "resuming" in stderr
-    assert_same_weights(weights(whole / files.MODEL), weights(out / files.MODEL))
+    assert_same_weights(weights(whole / outputs.MODEL), weights(out / outputs.MODEL))
     for key in ("model", "optimizer"):
-        a = ckpt.load(whole / files.CHECKPOINTS / files.LAST)[key]
-        b = ckpt.load(out / files.CHECKPOINTS / files.LAST)[key]
+        a = ckpt.load(whole / outputs.CHECKPOINTS / outputs.LAST)[key]
+        b = ckpt.load(out / outputs.CHECKPOINTS / outputs.LAST)[key]
         assert str(a) == str(b), key
     assert without_timing(history(whole)) == without_timing(history(out))
 
@@ -319,7 +320,7 @@ def test_a_run_with_other_settings_starts_fresh_and_a_finished_one_is_not_repeat
 def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, data, damage):
     params, _ = settings(tmp_path, data, "train.epochs=1")
     train(params)
-    last = tmp_path / "train" / files.CHECKPOINTS / files.LAST
+    last = tmp_path / "train" / outputs.CHECKPOINTS / outputs.LAST
     raw = bytearray(last.read_bytes())
     if damage == "truncate":
         raw = raw[: len(raw) // 2]
@@ -367,7 +368,7 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_pa
                          "train.max_bad_steps=5")
     with pytest.raises(NonFiniteLossError) as info:
         train(params)
-    last = tmp_path / "train" / files.CHECKPOINTS / files.LAST
+    last = tmp_path / "train" / outputs.CHECKPOINTS / outputs.LAST
     assert "train.max_bad_steps" in str(info.value) and str(last) in str(info.value)
     saved = ckpt.load(last)
     assert saved["progress"]["epoch"] == 1  # 21 steps of epoch 1 were good
@@ -389,7 +390,7 @@ def test_out_of_memory_halves_the_batch_and_goes_on(tmp_path, data):
                          "train.epochs=2")
     result = train(params)
     assert result.batch_size == 16 and result.epochs == 2
-    saved = ckpt.load(tmp_path / "train" / files.CHECKPOINTS / files.LAST)
+    saved = ckpt.load(tmp_path / "train" / outputs.CHECKPOINTS / outputs.LAST)
     assert saved["progress"]["batch_size"] == 16  # a resumed run keeps the smaller batch
     # Every image was still seen once per epoch: 1295 images at 16 per step.
     assert saved["progress"]["step"] == 2 * -(-1295 // 16)
@@ -416,7 +417,7 @@ def test_frozen_epochs_train_only_the_head(tmp_path, data):
 
     class Snapshot:
         def on_epoch_end(self, epoch, metrics):
-            seen[epoch] = weights(tmp_path / "train" / files.CHECKPOINTS / files.LAST, "model")
+            seen[epoch] = weights(tmp_path / "train" / outputs.CHECKPOINTS / outputs.LAST, "model")
 
         def on_train_end(self, result):
             seen["result"] = result
@@ -444,7 +445,7 @@ def test_a_checkpoint_with_other_classes_gets_a_new_head(tmp_path, data):
         ckpt.init_from(source, "lenet5", kwargs, ["a", "b", "c"])
     # A URI with a scheme goes through MLflow's artifact download (file: needs no server).
     downloaded = ckpt.resolve_model_uri(Path(source).parent.as_uri())
-    assert downloaded.name == files.MODEL
+    assert downloaded.name == outputs.MODEL
     assert torch.equal(weights(downloaded)["fc.weight"], saved["fc.weight"])
 
 
@@ -453,7 +454,7 @@ def test_no_weight_decay_on_biases_and_norms(tmp_path, data, optimizer):
     params, _ = settings(tmp_path, data, f"train.optimizer={optimizer}", "model.name=cifar_cnn",
                          "train.weight_decay=0.05", "train.momentum=0.8")
     train(params)
-    opt = ckpt.load(tmp_path / "train" / files.CHECKPOINTS / files.LAST)["optimizer"]
+    opt = ckpt.load(tmp_path / "train" / outputs.CHECKPOINTS / outputs.LAST)["optimizer"]
     groups = opt["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
     buffer = "exp_avg" if optimizer == "adamw" else "momentum_buffer"  # shaped like its parameter
@@ -471,10 +472,10 @@ def test_cudnn_autotuning_follows_the_setting_on_a_gpu_and_is_restored_after(ben
     before = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = not benchmark
-        with recipe.deterministic(torch.device("cuda"), benchmark):
+        with setup.deterministic(torch.device("cuda"), benchmark):
             assert torch.backends.cudnn.benchmark is benchmark
         assert torch.backends.cudnn.benchmark is not benchmark
-        with recipe.deterministic(torch.device("cpu"), benchmark):
+        with setup.deterministic(torch.device("cpu"), benchmark):
             assert torch.backends.cudnn.benchmark is not benchmark  # a CPU run leaves it
             assert torch.are_deterministic_algorithms_enabled()
     finally:
@@ -507,14 +508,14 @@ CPU, GPU = torch.device("cpu"), torch.device("cuda")
 ])
 def test_auto_precision_and_memory_format_follow_the_hardware(device, gpu_bf16, features,
                                                                precision, memory_format):
-    assert recipe.auto_precision(device, gpu_bf16, frozenset(features)) == precision
-    assert recipe.memory_format("auto", precision) == memory_format
+    assert setup.auto_precision(device, gpu_bf16, frozenset(features)) == precision
+    assert setup.memory_format("auto", precision) == memory_format
 
 
 @pytest.mark.parametrize("setting,precision,memory_format", [
     (True, "fp32", torch.channels_last), (False, "bf16", torch.contiguous_format)])
 def test_a_set_memory_format_is_kept(setting, precision, memory_format):
-    assert recipe.memory_format(setting, precision) == memory_format
+    assert setup.memory_format(setting, precision) == memory_format
 
 
 def test_cpu_features_read_the_kernels_flags(tmp_path):
@@ -522,9 +523,9 @@ def test_cpu_features_read_the_kernels_flags(tmp_path):
     x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n")
     arm = tmp_path / "arm"
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
-    assert recipe.cpu_features(str(x86)) == {"fpu", "avx2", "avx512_bf16"}
-    assert "bf16" in recipe.cpu_features(str(arm))
-    assert recipe.cpu_features(str(tmp_path / "none")) == frozenset()
+    assert setup.cpu_features(str(x86)) == {"fpu", "avx2", "avx512_bf16"}
+    assert "bf16" in setup.cpu_features(str(arm))
+    assert setup.cpu_features(str(tmp_path / "none")) == frozenset()
 
 
 SHIPPED_SETTINGS = ["params.yaml", "prefect.yaml", *(p.relative_to(ROOT).as_posix()
@@ -557,7 +558,7 @@ def test_freed_activation_memory_is_reused_without_page_faults():
     # a fresh process with the setting pinned makes the "before" certain.
     code = """
 import resource, torch
-from components import recipe
+from components.training import setup
 def faults_per_step():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(10):
@@ -566,7 +567,7 @@ def faults_per_step():
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
 faults_per_step()
 default = faults_per_step()
-recipe.keep_freed_memory()
+setup.keep_freed_memory()
 faults_per_step()
 print(default, faults_per_step())
 """

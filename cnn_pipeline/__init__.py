@@ -1,0 +1,1 @@
+"""The command line: `cnn-pipeline <command>` (cli.py), what each command runs (commands.py)."""
