@@ -134,13 +134,10 @@ stack-down:
 	done
 
 # Serve the registry's champion with MLflow's model server on 127.0.0.1:$(SERVE_PORT) (image files
-# or uint8 arrays in, class names out: README "Serving the champion"). The registry is the one
-# MLFLOW_TRACKING_URI names, else the embedded mlflow.db; the model is params.yaml's
-# register.model_name unless SERVE_MODEL says otherwise. Loading it runs the model's logged code.
+# or uint8 arrays in, class names out: docs/serving.md): `cnn-pipeline serve`. The registry is the
+# one MLFLOW_TRACKING_URI names, else the embedded mlflow.db; the model is register.model_name's
+# champion unless SERVE_MODEL names another. Loading it runs the model's logged code.
 .PHONY: serve
 SERVE_PORT ?= 5001
-SERVE_MODEL ?= models:/$(shell sed -n 's/^  model_name: *\([^ #]*\).*/\1/p' params.yaml)@champion
 serve: install
-	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath mlflow.db)} \
-		$(BIN)/mlflow models serve -m "$(SERVE_MODEL)" --env-manager local \
-		--host 127.0.0.1 --port $(SERVE_PORT)
+	cnn-pipeline serve --port $(SERVE_PORT) $(if $(SERVE_MODEL),--model "$(SERVE_MODEL)")

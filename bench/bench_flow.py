@@ -220,7 +220,7 @@ def main() -> None:
 
                 api = os.environ.get("PREFECT_API_URL")
                 if not api:
-                    from tests.servers import prefect_server
+                    from tests.support.servers import prefect_server
 
                     api = stack.enter_context(prefect_server(work / "prefect-server"))
                 stack.enter_context(temporary_settings({PREFECT_API_URL: api}))

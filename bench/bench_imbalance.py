@@ -1,10 +1,10 @@
 """What train.class_weights and train.sampler do for imbalanced classes.
 
 The data: scikit-learn's digits prepared by the real prepare step, then written out as an image
-folder (train/ val/ test/) with three classes (tests/projects.py REDUCED: 3, 8, 9) reduced to 5%
-of their train and val images (about 7 and 1 of ~130 and ~14), the test split untouched, and
-prepared again from that folder (prepare warns about the imbalance). Per seed the reduction is
-drawn again and training starts from that seed, with the same settings and epochs for:
+folder (train/ val/ test/) with three classes (tests/support/projects.py REDUCED: 3, 8, 9) reduced
+to 5% of their train and val images (about 7 and 1 of ~130 and ~14), the test split untouched, and
+prepared again from that folder (prepare warns about the imbalance). Per seed the reduction is drawn
+again and training starts from that seed, with the same settings and epochs for:
 
     none        train.class_weights: none, train.sampler: none (the reference)
     weights     train.class_weights: balanced
@@ -42,7 +42,7 @@ from components.predict import score  # noqa: E402
 from components.prepare import prepare  # noqa: E402
 from components.train import train  # noqa: E402
 from components.training.checkpoint import load_model  # noqa: E402
-from tests.projects import IMBALANCED_DATA, REDUCED, imbalanced_digits  # noqa: E402
+from tests.support.projects import IMBALANCED_DATA, REDUCED, imbalanced_digits  # noqa: E402
 
 MODES = {
     "none": {},

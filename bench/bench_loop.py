@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from components.core import outputs  # noqa: E402
 from components.core.step_code import PACKAGES, STEPS  # noqa: E402
-from tests.projects import committed_copy  # noqa: E402
+from tests.support.projects import committed_copy  # noqa: E402
 
 TRACKED = {"train", "evaluate", "register", "export"}  # the steps that log to MLflow
 PARTS = ("steps", "refusals", "dvc")

@@ -65,8 +65,8 @@ from components.serving.pyfunc import png  # noqa: E402
 from components.tracking.run import tracked  # noqa: E402
 from components.train import train  # noqa: E402
 from components.training.checkpoint import Classifier, load_model  # noqa: E402
-from tests.formats import png_blank  # noqa: E402
-from tests.servers import model_server  # noqa: E402
+from tests.support.formats import png_blank  # noqa: E402
+from tests.support.servers import model_server  # noqa: E402
 
 MNIST = ROOT.parent / "shared/datasets/mnist"
 

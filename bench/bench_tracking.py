@@ -1,7 +1,7 @@
 """What MLflow tracking costs the train step, against a real tracking server.
 
-Prepares the data once (digits by default; `--source mnist` reads ../shared/datasets/mnist),
-starts an MLflow server (SQLite backend, proxied artifacts: tests/servers.py) and times whole
+Prepares the data once (digits by default; `--source mnist` reads ../shared/datasets/mnist), starts
+an MLflow server (SQLite backend, proxied artifacts: tests/support/servers.py) and times whole
 `train(params)` calls without and with the Tracker as its callback, alternating the two so that
 changes in machine load hit both alike. Each call trains from scratch (train.resume=never).
 
@@ -36,7 +36,7 @@ from components.core.params import validate  # noqa: E402
 from components.prepare import prepare  # noqa: E402
 from components.tracking.run import Tracker  # noqa: E402
 from components.train import train  # noqa: E402
-from tests.servers import mlflow_server  # noqa: E402
+from tests.support.servers import mlflow_server  # noqa: E402
 
 MNIST = ROOT.parent / "shared/datasets/mnist"
 

@@ -68,7 +68,7 @@ from components.train import train  # noqa: E402
 from components.training import checkpoint as ckpt  # noqa: E402
 from components.training import models  # noqa: E402
 from components.training.setup import memory_format, runtime  # noqa: E402
-from tests.formats import patterned, write_cifar10  # noqa: E402
+from tests.support.formats import patterned, write_cifar10  # noqa: E402
 
 REFERENCES = ROOT.parent / "shared" / "bench"
 # The references on a GPU: (text in the script, its replacement), each found exactly once.

@@ -2,7 +2,7 @@
 deployed, a digits model registered there, and tiny models that misbehave on purpose.
 
 Test modules never import each other; what two of them need is here or in a helper module
-(tests/projects.py, servers.py, formats.py, postgres.py).
+(tests/support/projects.py, servers.py, formats.py, postgres.py).
 
 The fake models are registered with timm when pytest loads this file, so train creates them by
 name like any other model; a torchrun worker imports this module for them (ddp names the module
@@ -22,7 +22,7 @@ import torch.nn as nn
 from timm.models import register_model
 
 from components.core.params import Params
-from tests.projects import BIN, Stack, committed_copy, tracking_into
+from tests.support.projects import BIN, Stack, committed_copy, tracking_into
 
 FAULT_ENV = "TEST_DDP_FAULT"  # error | oom | hang: what fake_fails_on_rank_1 does on rank 1
 
@@ -131,13 +131,14 @@ def digits(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def imbalanced(digits: Path, tmp_path_factory) -> Path:
     """Digits with classes 3, 8 and 9 cut to 5% of their train and val images, as
-    bench/bench_imbalance.py makes them (tests/projects.py imbalanced_digits, seed 0): written as
-    an image folder (`folder`), then prepared (`prepared`) and augmented (`augment`, the default
+    bench/bench_imbalance.py makes them (tests/support/projects.py imbalanced_digits, seed 0):
+    written as an image folder (`folder`), then prepared (`prepared`) and augmented (`augment`, the
+    default
     policy) by the real steps."""
     from components.augment import augment
     from components.core.params import validate
     from components.prepare import prepare
-    from tests.projects import IMBALANCED_DATA, imbalanced_digits
+    from tests.support.projects import IMBALANCED_DATA, imbalanced_digits
 
     root = tmp_path_factory.mktemp("imbalanced")
     folder = imbalanced_digits(digits / "prepared", root / "folder")
@@ -157,7 +158,7 @@ def stack(tmp_path_factory):
     """A Prefect server and an MLflow server on loopback, work pools `local` and `gpu`, and the
     committed project deployed with `prefect deploy --all`; start workers with `stack.worker`.
     Shared by every end-to-end test of the session: use your own model names."""
-    from tests.servers import mlflow_server, prefect_server
+    from tests.support.servers import mlflow_server, prefect_server
 
     root = tmp_path_factory.mktemp("stack")
     repo, workers = committed_copy(root / "repo"), root / "workers"

@@ -24,7 +24,7 @@ from components.core.params import Augment, ParamsError, UserError, load_params,
 from components.data.dataset import load_split, read_manifest
 from components.prepare import prepare
 from components.training.transforms import PerSampleOps, identity, load_policy, make_batch_augment
-from tests.formats import patterned, write_cifar10
+from tests.support.formats import patterned, write_cifar10
 
 PROJECT = Path(__file__).resolve().parents[1]
 PRESETS = ["none", "basic", "standard", "randaugment", "trivialaugment", "autoaugment"]

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from components.core import outputs
-from tests.projects import sh
+from tests.support.projects import sh
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config", "data/raw/.gitkeep"]

@@ -21,8 +21,8 @@ import yaml
 from mlflow import MlflowClient
 
 from components.core import outputs
-from tests.projects import CLONE, Stack, git
-from tests.servers import api_post
+from tests.support.projects import CLONE, Stack, git
+from tests.support.servers import api_post
 
 pytestmark = pytest.mark.slow
 # The stack (servers, pools, deployments) is conftest.py's, shared with other end-to-end tests.

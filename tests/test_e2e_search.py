@@ -14,8 +14,8 @@ import pytest
 from mlflow import MlflowClient
 
 from components.core import outputs
-from tests.projects import CLONE, Stack
-from tests.servers import api_post
+from tests.support.projects import CLONE, Stack
+from tests.support.servers import api_post
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 

@@ -25,7 +25,7 @@ from components.serving.onnx_model import OnnxClassifier, write_onnx
 from components.tracking.run import Tracker, tracked
 from components.training.checkpoint import Classifier
 from components.training.models import create_model
-from tests.projects import tracking_into
+from tests.support.projects import tracking_into
 
 META = {"format": "test", "model": {"name": "simple_cnn", "kwargs": {}}, "classes": ["a", "b", "c"],
         "image_size": [8, 8], "channels": 1, "resize": "pad", "min_side": 4, "mean": [0.3],

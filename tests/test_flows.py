@@ -28,7 +28,7 @@ from flows import prepare_cache
 from flows.batch_predict import batch_predict
 from flows.parameters import OVERRIDES, resolve
 from flows.pipeline import ARTIFACT_KEY, prepared_data, training_pipeline
-from tests.servers import api_post, prefect_server
+from tests.support.servers import api_post, prefect_server
 
 ROOT = Path(__file__).resolve().parents[1]
 

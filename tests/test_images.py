@@ -9,7 +9,13 @@ import pytest
 from PIL import Image, features
 
 from components.data.images import IMAGE_EXTENSIONS, BadImage, decode
-from tests.formats import exif_rotated_jpeg, noise, png_bilevel, png_broken_stream, write_image
+from tests.support.formats import (
+    exif_rotated_jpeg,
+    noise,
+    png_bilevel,
+    png_broken_stream,
+    write_image,
+)
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255,) * 3, (0, 0, 0)
 

@@ -36,7 +36,7 @@ from prefect.utilities.templating import (
 )
 from prefect.workers.base import BaseJobConfiguration
 
-from tests.servers import BIN, _server, free_port, prefect_server
+from tests.support.servers import BIN, _server, free_port, prefect_server
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"

@@ -23,7 +23,7 @@ from components.core.params import Params, load_params, sections
 from components.core.step_code import STEPS
 from components.tracking.lineage import GIT_ENV, dvc_dir_hash
 from flows.kubeflow.compiler import REQUESTS
-from tests.projects import BIN, ROOT
+from tests.support.projects import BIN, ROOT
 
 IMAGE = "registry.example/cnn-pipeline:1.2.3"
 SMALL = ["train.epochs=1", "augment.preview_images=2", "augment.preview_views=2",
@@ -343,7 +343,7 @@ def test_read_only_inputs_leftovers_go_to_the_steps_own_folder(tmp_path, monkeyp
 
     from components.tracking.delivery import Pending
     from components.tracking.run import Tracker
-    from tests.servers import free_port
+    from tests.support.servers import free_port
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(store)

@@ -295,8 +295,8 @@ def test_the_makefiles_stack_one_store_settings_for_a_run_and_a_worker_that_stop
     killed)."""
     from mlflow import MlflowClient
 
-    from tests.projects import committed_copy, get, pairs
-    from tests.servers import free_port
+    from tests.support.projects import committed_copy, get, pairs
+    from tests.support.servers import free_port
 
     project = committed_copy(tmp_path / "project")
     ports = {"PREFECT_PORT": str(free_port()), "MLFLOW_PORT": str(free_port())}

@@ -13,7 +13,7 @@ import yaml
 
 from components.core import outputs
 from components.data.dataset import read_manifest
-from tests.projects import tracking_into
+from tests.support.projects import tracking_into
 
 SECTIONS = ["Intended use and limits", "Data", "Training", "Test metrics", "Weakest classes",
             "Calibration", "Registry decision", "Lineage", "How to use it"]

@@ -3,8 +3,8 @@ and the Prefect server (PostgreSQL) on loopback, two process workers on one pool
 trainings started at once with different settings. Both complete and are tracked in full, the
 gate leaves the better model as champion, and no server reports a locked database or a traceback.
 
-PostgreSQL comes from tests/postgres.py (installed with apt-get when missing and we are root).
-As in tests/test_e2e_prefect.py, workers clone the project as committed in a temporary repo.
+PostgreSQL comes from tests/support/postgres.py (installed with apt-get when missing and we are
+root). As in tests/test_e2e_prefect.py, workers clone the project as committed in a temporary repo.
 """
 
 import asyncio
@@ -23,10 +23,10 @@ from components.core import outputs
 from components.core.params import load_params
 from components.tracking.lineage import lineage
 from components.tracking.run import log_dataset
-from tests.postgres import Postgres, postgres_server
-from tests.projects import CLONE, Stack, committed_copy
-from tests.racing import at_once
-from tests.servers import BIN, api_post, mlflow_server, prefect_server, prefect_worker
+from tests.support.postgres import Postgres, postgres_server
+from tests.support.projects import CLONE, Stack, committed_copy
+from tests.support.racing import at_once
+from tests.support.servers import BIN, api_post, mlflow_server, prefect_server, prefect_worker
 
 pytestmark = pytest.mark.slow
 MODEL = "pg-classifier"

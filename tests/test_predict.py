@@ -25,7 +25,7 @@ from components.evaluate import evaluate
 from components.predict import predict
 from components.prepare import prepare
 from components.train import train
-from tests.formats import raw_name, special_file, unescape_name
+from tests.support.formats import raw_name, special_file, unescape_name
 
 ROOT = Path(__file__).resolve().parents[1]
 

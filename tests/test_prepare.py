@@ -1,5 +1,6 @@
-"""The prepare step end to end on real formats written by the tests themselves (tests/formats.py):
-digits, MNIST and FashionMNIST IDX files, CIFAR-10/100 pickles, and image folders with every case
+"""The prepare step end to end on real formats written by the tests themselves
+(tests/support/formats.py): digits, MNIST and FashionMNIST IDX files, CIFAR-10/100 pickles, and
+image folders with every case
 a user's folder has. Nothing is mocked; nothing here needs the network."""
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from components.core import outputs
 from components.core.params import Params, UserError, validate
 from components.data.dataset import SPLITS, class_names, load_split, read_manifest
 from components.prepare import PrepareResult, prepare
-from tests.disks import FILL, on_small_disk
-from tests.formats import (
+from tests.support.disks import FILL, on_small_disk
+from tests.support.formats import (
     CIFAR10_NAMES,
     make_messy_folder,
     noise,
@@ -39,7 +40,7 @@ from tests.formats import (
     write_image,
     write_mnist,
 )
-from tests.projects import IMBALANCED_DATA, REDUCED, imbalanced_digits
+from tests.support.projects import IMBALANCED_DATA, REDUCED, imbalanced_digits
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -686,8 +687,8 @@ def test_a_killed_run_leaves_the_previous_output_intact(tmp_path):
 
 
 def test_a_disk_that_fills_is_an_error_naming_it_and_the_output_stays_intact(tmp_path):
-    """On a small tmpfs (tests/disks.py): prepared once; then, with the disk nearly full, again
-    at a larger size (the memory-mapped pool no longer fits: a write into its pages would be
+    """On a small tmpfs (tests/support/disks.py): prepared once; then, with the disk nearly full,
+    again at a larger size (the memory-mapped pool no longer fits: a write into its pages would be
     SIGBUS), which fails with `error: no space left on <disk>` and leaves the first output as it
     was and nothing else; with the space freed, the same command works."""
     folder(tmp_path / "raw", {"a": 10, "b": 10}, size=32)

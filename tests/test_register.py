@@ -27,7 +27,7 @@ from components.data.dataset import class_names, load_split, read_manifest
 from components.register import Classifier, Scores, decide, gate_metrics, register, score
 from components.tracking.run import Tracker, tracked
 from components.training import checkpoint as ckpt
-from tests.projects import SETTINGS, get, make_project, pairs
+from tests.support.projects import SETTINGS, get, make_project, pairs
 
 # --- the decision alone --------------------------------------------------------------------------
 

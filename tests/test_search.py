@@ -32,7 +32,7 @@ from flows.search import study as study_mod
 from flows.search.sweep import search_worker, sweep
 from flows.search.trial import Reporter
 from flows.search.workers import decide, preflight, run_child, skip_reason, suggest
-from tests.racing import at_once
+from tests.support.racing import at_once
 
 ROOT = Path(__file__).resolve().parents[1]
 RACERS = 5

@@ -5,8 +5,9 @@ loopback only, and no load path that runs pickled code.
   address), is refused before any work, in params.yaml, in --set overrides and in the flow's
   parameters, with a message that names the key, repeats no secret and points to the
   environment. A tracked run's params and tags are checked for both with a real MLflow server.
-- Servers: the servers and the worker that tests/servers.py starts (as `make stack-up` does) are
-  asked which sockets they listen on (/proc/net/tcp and tcp6, by socket inode of their processes).
+- Servers: the servers and the worker that tests/support/servers.py starts (as `make stack-up`
+  does) are asked which sockets they listen on (/proc/net/tcp and tcp6, by socket inode of their
+  processes).
 - Pickles: a "checkpoint" whose unpickling creates a canary file, with a matching .sha256 beside
   it (so it is the loader that must refuse, not the hash), is fed to every public load path; each
   raises a UserError and the canary never appears. Likewise an object-array .npy as prepared
@@ -247,7 +248,7 @@ def test_a_tag_quoting_an_address_is_redacted(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     from components.tracking.run import Tracker
-    from tests.projects import make_project
+    from tests.support.projects import make_project
 
     monkeypatch.chdir(make_project(tmp_path / "project", dvc=False))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -324,7 +325,7 @@ def _server_session(port: int) -> int:
 
 @pytest.mark.slow
 def test_local_servers_and_worker_listen_on_loopback_only(stack):
-    """The session's servers and a worker (started as tests/servers.py starts them, which
+    """The session's servers and a worker (started as tests/support/servers.py starts them, which
     test_the_stack_commands_bind_loopback below holds to the Makefile's way)."""
     with stack.worker("sec-worker") as worker:
         seen = {}
@@ -338,8 +339,9 @@ def test_local_servers_and_worker_listen_on_loopback_only(stack):
 
 
 def test_the_stack_commands_bind_loopback():
-    """`make stack-up` (and tests/servers.py) name --host 127.0.0.1 on every server they start."""
-    sources = [(PROJECT / "Makefile").read_text(), (PROJECT / "tests/servers.py").read_text()]
+    """`make stack-up` (and tests/support/servers.py) name --host 127.0.0.1 on every server they
+    start."""
+    sources = [(PROJECT / path).read_text() for path in ("Makefile", "tests/support/servers.py")]
     starts = [line for text in sources for line in text.splitlines()
               if re.search(r"server start|mlflow server|\"server\"", line)]
     assert len(starts) >= 4, starts
@@ -462,7 +464,7 @@ def test_prepared_data_refuses_object_arrays(tmp_path):
 
 def test_cifar_files_refuse_pickled_code(tmp_path):
     from components.prepare import prepare
-    from tests.formats import write_cifar10
+    from tests.support.formats import write_cifar10
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
@@ -525,7 +527,7 @@ def test_tracked_params_and_tags_carry_no_credential(tmp_path, monkeypatch, stac
     credentials where the refusal says they go (the environment): its params are exactly the
     validated settings, and no param, tag or file the run leaves behind holds the password."""
     from components.tracking.run import Tracker
-    from tests.projects import make_project
+    from tests.support.projects import make_project
 
     root = make_project(tmp_path / "project", dvc=False)
     monkeypatch.chdir(root)

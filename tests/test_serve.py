@@ -34,9 +34,9 @@ from components.serving.pyfunc import (
     request_items,
     table,
 )
-from tests.formats import png_bilevel, png_blank
-from tests.projects import BIN, tracking_into
-from tests.servers import model_server
+from tests.support.formats import png_bilevel, png_blank
+from tests.support.projects import BIN, tracking_into
+from tests.support.servers import model_server
 
 LIMITS = Predict(max_batch=4, max_request_mb=0.01, max_image_mp=1.0, max_request_mp=1.5)
 IMAGE = base64.b64encode(b"\x89PNG not really").decode()
@@ -393,3 +393,78 @@ def test_the_pyfunc_in_python_and_what_register_logged(registered):
     arrays = model.unwrap_python_model().classify(np.asarray(test.x[:5]))
     assert list(rows["class"]) == list(arrays["class"])
     assert (local / "artifacts" / outputs.MODEL).is_file()  # what the gate and predict read
+
+
+# A champion registered before components/ moved into folders by concern: the commit before the
+# move (components/ flat, `python -m components.<step>`). Its model carries its own copy of the
+# code the pyfunc loads (code_paths), so it must keep loading and serving, and the gate must keep
+# scoring it (from its model.pt), whatever the layout of the code that serves or registers now.
+PREVIOUS_LAYOUT = "8368b9d"
+
+
+def previous_layout(into: Path) -> Path:
+    """The components/ package as it was at PREVIOUS_LAYOUT (git archive), in `into`."""
+    import tarfile
+
+    root = Path(__file__).resolve().parents[1]
+    found = subprocess.run(["git", "cat-file", "-e", f"{PREVIOUS_LAYOUT}^{{commit}}"], cwd=root)
+    if found.returncode:
+        pytest.skip(f"commit {PREVIOUS_LAYOUT} is not in this clone (a shallow one)")
+    archive = subprocess.run(["git", "archive", PREVIOUS_LAYOUT, "components"], cwd=root,
+                             capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+@pytest.mark.slow  # the old layout's train, evaluate and register, a model server, the gate
+def test_a_champion_registered_on_the_previous_layout_still_loads_serves_and_is_scored(
+        registered, digits, tmp_path):
+    import yaml
+
+    from components.augment import augment
+    from components.core.params import validate
+    from components.evaluate import evaluate
+    from components.prepare import prepare
+    from components.register import register
+    from components.tracking.run import tracked
+    from components.train import train
+
+    old = previous_layout(tmp_path / "old")
+    name = "previous-layout"
+    (old / "params.yaml").write_text(yaml.safe_dump({
+        "paths": {"prepared": str(digits / "prepared"), "augment": str(digits / "augment_none")},
+        "train": {"epochs": 1, "device": "cpu"}, "evaluate": {"device": "cpu", "mistakes": 2},
+        "register": {"model_name": name, "flush_timeout_s": 10}}))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered.mlflow, "PYTHONPATH": str(old)}
+    for step in ("train", "evaluate", "register"):  # the old code, its own command line
+        done = subprocess.run([str(BIN / "python"), "-m", f"components.{step}"], cwd=old, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{step}:\n{done.stderr[-3000:]}"
+    old_version = json.loads(done.stdout)["version"]
+
+    # Served by this layout's command: the model's own (old) code answers.
+    served_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    test = load_split(registered.params.paths.prepared, "test")
+    with model_server(f"models:/{name}@champion", tmp_path / "served", served_env) as url:
+        status, body = post(url, {"inputs": {"image": [b64(png(test.x[i])) for i in range(3)]}})
+    assert status == 200, body
+    assert all(r["class"] in [str(c) for c in range(10)] for r in json.loads(body)["predictions"])
+
+    # Scored by this layout's gate: a challenger tested on another split (data.seed) makes the
+    # gate load the old champion's model.pt and score it on this test split first.
+    paths = {k: str(tmp_path / "new" / k) for k in ("prepared", "augment", "train", "evaluate",
+                                                    "register")}
+    params = validate({"paths": paths, "data": {"seed": 1}, "train": {"epochs": 1,
+                       "device": "cpu"}, "evaluate": {"device": "cpu", "mistakes": 2},
+                       "register": {"model_name": name, "flush_timeout_s": 10}})
+    prepare(params)
+    augment(params)
+    with tracking_into(registered.mlflow):
+        tracked(train, "start")(params)
+        tracked(evaluate)(params)
+        tracked(register)(params)
+    decision = json.loads((Path(paths["register"]) / outputs.DECISION).read_text())
+    compared = decision["compared_with"]
+    assert compared["version"] == old_version and compared["rescored"]
+    assert compared["scores"]["metrics"]["accuracy"] > 0.5  # its model.pt predicted

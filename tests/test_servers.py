@@ -1,5 +1,6 @@
 """The pinned environment runs the real servers: the session's Prefect server and MLflow tracking
-server (conftest's `stack`, started from this environment on loopback by tests/servers.py, as for
+server (conftest's `stack`, started from this environment on loopback by tests/support/servers.py,
+as for
 every end-to-end test) answer API calls (the newest fastapi breaks Prefect 3.8's server)."""
 
 import json
@@ -8,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from tests.servers import BIN, answers
+from tests.support.servers import BIN, answers
 
 pytestmark = pytest.mark.slow
 

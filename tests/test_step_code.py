@@ -25,10 +25,9 @@ CONCERNS = ("core", "data", "training", "serving", "tracking", "report")
 
 
 def stage_module(cmd: str) -> str:
-    """The module a stage's command runs: `cnn-pipeline <step>` runs COMMANDS[step]'s."""
-    program, command = cmd.split()[:2]
-    assert program == "cnn-pipeline", cmd
-    return COMMANDS[command].run.split(":")[0]
+    """The module a stage's command runs: `python -m cnn_pipeline <step>` runs COMMANDS[step]'s."""
+    assert cmd.startswith("python -m cnn_pipeline "), cmd
+    return COMMANDS[cmd.split()[3]].run.split(":")[0]
 
 
 def code_deps_mismatches(dvc_yaml: dict) -> list[str]:

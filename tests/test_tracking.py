@@ -28,8 +28,8 @@ from components.data.dataset import load_split
 from components.tracking.lineage import data_hash, dvc_dir_hash, params_hash
 from components.tracking.run import Tracker
 from components.training.checkpoint import load_model, prepare_input
-from tests.projects import get, make_project, pairs
-from tests.servers import free_port, mlflow_server
+from tests.support.projects import get, make_project, pairs
+from tests.support.servers import free_port, mlflow_server
 
 pytestmark = pytest.mark.slow
 

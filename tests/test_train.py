@@ -35,8 +35,8 @@ from components.train import NonFiniteLossError, class_weights, train, weighted_
 from components.training import checkpoint as ckpt
 from components.training import setup
 from components.training.batches import BalancedOrder, share
-from tests.disks import on_small_disk
-from tests.projects import REDUCED, ROOT
+from tests.support.disks import on_small_disk
+from tests.support.projects import REDUCED, ROOT
 
 TIMING = {"images_per_s", "epoch_s"}  # the only history fields that may differ between runs
 
@@ -123,8 +123,8 @@ def test_prepared_data_with_one_class_in_train_is_refused(tmp_path):
 
 
 def test_a_disk_that_fills_is_an_error_naming_it_and_the_run_resumes(tmp_path, data):
-    """On a tmpfs (tests/disks.py) sized from a first run so that epoch 1's checkpoints fit and
-    epoch 2's do not: `error: no space left on <disk>` (torch's writer had made it a
+    """On a tmpfs (tests/support/disks.py) sized from a first run so that epoch 1's checkpoints fit
+    and epoch 2's do not: `error: no space left on <disk>` (torch's writer had made it a
     RuntimeError), the checkpoints whole (their hashes verify; the last of epoch 1) and nothing
     half-written; with the disk made larger, the same command resumes after epoch 1 and
     finishes."""

@@ -11,7 +11,7 @@
 - `special_file`: a FIFO or a device node where an image file would be; `raw_name` and
   `unescape_name`: file names that are not UTF-8, and the bytes an escaped name stands for.
 
-Import from a test as `from tests.formats import ...`.
+Import from a test as `from tests.support.formats import ...`.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 DEBIAN_BINS = "/usr/lib/postgresql/*/bin"
 INSTALL_HINT = ("PostgreSQL's server programs (initdb, pg_ctl) are needed: install them "

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 SETTINGS = {  # the defaults, made small: digits, one epoch, small pictures
@@ -31,7 +31,7 @@ SETTINGS = {  # the defaults, made small: digits, one epoch, small pictures
     "evaluate": {"mistakes": 4},
     "register": {"model_name": "tracked", "flush_timeout_s": 2},
 }
-PREPARE_STAGE = {"stages": {"prepare": {"cmd": "cnn-pipeline prepare",
+PREPARE_STAGE = {"stages": {"prepare": {"cmd": "python -m cnn_pipeline prepare",
                                         "params": ["data"], "outs": ["data/prepared"]}}}
 SKIP = ("tests/", "bench/", "infra/", ".ci/")  # not what a worker needs to run the flows
 CLONE = Path(".stack/workspace/cnn-pipeline")  # prefect.yaml: working_dir / clone name
@@ -119,7 +119,7 @@ class Stack:
         return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
 
     def worker(self, name: str, limit: int | None = None):
-        from tests.servers import prefect_worker
+        from tests.support.servers import prefect_worker
 
         return prefect_worker("local", self.workers, self.env, name, limit=limit)
 

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]  # the project, for its params.yaml
 
 
 def free_port() -> int:
@@ -139,12 +140,12 @@ def api_post(api: str, path: str, body: dict) -> list | dict:
 
 @contextmanager
 def model_server(model_uri: str, root: Path, env: dict, timeout: float = 300) -> Iterator[str]:
-    """`mlflow models serve` of `model_uri` (--env-manager local: this environment) on a free
-    loopback port, started in `root`; yields its address."""
+    """`cnn-pipeline serve` (MLflow's model server, --env-manager local: this environment) of
+    `model_uri` on a free loopback port, started in `root`; yields its address."""
     root.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{free_port()}"
-    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-           "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1]]
+    cmd = [str(BIN / "cnn-pipeline"), "serve", "--params", str(ROOT / "params.yaml"),
+           "--model", model_uri, "--port", url.rsplit(":", 1)[1]]
     # The scoring server's command is `uvicorn ...` through a shell: this environment first.
     env = {**env, "PATH": f"{BIN}:{env.get('PATH', os.environ['PATH'])}"}
     with _server(cmd, f"{url}/ping", root / "model-server.log", env, timeout, cwd=root):
