@@ -2,15 +2,16 @@
 
 In a fresh committed copy of this project (digits, params.yaml as committed, the embedded MLflow
 store), after one untimed pass (disk caches warm), the median of --repeats:
-- steps: each step's command (`cnn-pipeline <step>`) in a process of its own. Its
+- steps: each step's command (`python -m cnn_pipeline <step>`, as dvc.yaml runs it) in a process
+  of its own. Its
   overhead is wall − own work (own work: the `seconds` its command line prints). Its *floor* is
   the wall time, in the same run, of a bare interpreter that imports the third-party top-level
   modules found in the step's `sys.modules` at its exit (but for those a bare interpreter
   starts with; printed) and, for the tracked steps, also opens an MlflowClient on the same store
   and starts and ends a run. Target: overhead <= floor × 1.15 + 0.5 s (what is left: settings,
   writing outputs, process exit).
-- refusals: a bad setting, an unknown key, a missing data folder, and each step's --help;
-  target <= 1.0 s each.
+- refusals: a bad setting, an unknown key, a missing data folder, `cnn-pipeline --help` and each
+  step's `cnn-pipeline <step> --help`; target <= 1.0 s each.
 - dvc: the main job, `dvc repro --force` with fresh outputs; target <= the sum over stages of
   (own work + floor) × 1.15 + 2 s (DVC's own), and test accuracy >= 0.97. Also each stage's share
   (from its "Running stage" line to the next's).
@@ -42,9 +43,9 @@ from tests.support.projects import committed_copy  # noqa: E402
 TRACKED = {"train", "evaluate", "register", "export"}  # the steps that log to MLflow
 PARTS = ("steps", "refusals", "dvc")
 REFUSALS = {
-    "bad setting": ["components.train", "--set", "train.optimizer=adam"],
-    "unknown key": ["components.train", "--set", "train.optimiser=adamw"],
-    "missing data folder": ["components.prepare", "--set", "data.source=imagefolder",
+    "bad setting": ["train", "--set", "train.optimizer=adam"],
+    "unknown key": ["train", "--set", "train.optimiser=adamw"],
+    "missing data folder": ["prepare", "--set", "data.source=imagefolder",
                             "--set", "data.image_size=32", "--set", "data.root=no/such/folder"],
 }
 # What a floor runs: the imports, then (tracked steps) one MLflow run on the step's store.
@@ -110,7 +111,7 @@ def step_modules(project: Path) -> dict[str, list[str]]:
     found = {}
     shutil.rmtree(project / "outputs/train" / outputs.CHECKPOINTS, ignore_errors=True)  # trains
     for step in STEPS:
-        _, done = run([sys.executable, "-c", MODULES_AT_EXIT, f"components.{step}"], project)
+        _, done = run([sys.executable, "-c", MODULES_AT_EXIT, "cnn_pipeline", step], project)
         line = next(x for x in done.stderr.splitlines() if x.startswith("MODULES "))
         found[step] = [n for n in json.loads(line.removeprefix("MODULES ")) if n not in PACKAGES]
     return found
@@ -124,13 +125,13 @@ def steps(project: Path, repeats: int, modules: dict[str, list[str]]) -> dict[st
         shutil.rmtree(project / "outputs/train" / outputs.CHECKPOINTS, ignore_errors=True)
         row = {}
         for step in STEPS:
-            wall, done = run([sys.executable, "-m", f"components.{step}"], project)
+            wall, done = run([sys.executable, "-m", "cnn_pipeline", step], project)
             own = json.loads(done.stdout)["seconds"]
             floor, _ = run([sys.executable, "-c", FLOOR, store if step in TRACKED else "",
                             *modules[step]], project)
             row[step] = (wall, own, floor)
         rounds.append(row)
-    print("steps (each a fresh `cnn-pipeline <step>`, as DVC runs it; medians):",
+    print("steps (each a fresh `python -m cnn_pipeline <step>`, as DVC runs it; medians):",
           flush=True)
     budget = {}
     for step in STEPS:
@@ -148,12 +149,14 @@ def steps(project: Path, repeats: int, modules: dict[str, list[str]]) -> dict[st
 
 
 def refusals(project: Path, repeats: int) -> None:
-    print("refusals and --help (each a fresh python -m ...; medians):", flush=True)
+    print("refusals and --help (each a fresh `cnn-pipeline ...`, the console script; medians):",
+          flush=True)
     cases = {**{what: (args, 2) for what, args in REFUSALS.items()},
-             **{f"{step} --help": ([f"components.{step}", "--help"], 0) for step in STEPS}}
+             "cnn-pipeline --help": (["--help"], 0),
+             **{f"{step} --help": ([step, "--help"], 0) for step in STEPS}}
     for what, (args, code) in cases.items():
         def once(args=args, code=code, what=what) -> float:
-            took, done = run([sys.executable, "-m", *args], project, check=False)
+            took, done = run([str(BIN / "cnn-pipeline"), *args], project, check=False)
             if done.returncode != code or (code == 2 and not done.stderr.startswith("error: ")):
                 raise SystemExit(f"{what}: exit {done.returncode}\n{done.stderr[-2000:]}")
             return took
