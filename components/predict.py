@@ -17,8 +17,9 @@ when complete:
 - `drift.json`: how the folder compares with the model's training and test data, figure by
   figure against the `predict.drift_*` thresholds (components/data/drift.py); each figure crossed is
   a warning on stderr, and with `predict.fail_on_drift` an error (exit 2) once everything above
-  is written. Tracked in an MLflow run of its own (`tracker`; main() and the batch-predict flow
-  attach one through components.tracking, to MLFLOW_TRACKING_URI or the embedded store).
+  is written. Tracked in an MLflow run of its own (`tracker`; the command line and the
+  batch-predict flow attach one through components.tracking, to MLFLOW_TRACKING_URI or the
+  embedded store).
 
     cnn-pipeline predict --folder inbox/ [--model models:/digits-classifier@champion]
         [--params params.yaml] [--set predict.top_k=3 --set evaluate.device=cpu ...]

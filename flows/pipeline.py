@@ -1,8 +1,8 @@
 """training-pipeline: prepare → augment → train → evaluate → register → export as Prefect tasks.
 
-The tasks call the same component functions, with the same validated settings, as the DVC stages
-(`cnn-pipeline <step>`), and track into one MLflow run the same way the steps' main()
-functions do, so a flow run and `dvc repro` of the same params give the same outputs.
+The tasks call the same step functions, with the same validated settings, as the DVC stages
+(`cnn-pipeline <step>`), and track into one MLflow run the same way the command line does, so a
+flow run and `dvc repro` of the same params give the same outputs.
 
 Parameters: `params_file`; per params.yaml section, typed overrides (a form in the Prefect UI;
 empty fields keep the file's values); `overrides`, `section.key=value` strings as on the command

@@ -1,6 +1,6 @@
 """The MLflow run a flow run fed: where to find it, and the tags that tie the two together.
 
-components/tracking.py writes the run's id and address to `<paths.train>/run.json` when train
+components/tracking/run.py writes the run's id and address to `<paths.train>/run.json` when train
 starts it; the flow reads that file rather than opening a second connection of its own.
 """
 

@@ -215,7 +215,7 @@ def test_top5_only_with_five_classes_or_more(tmp_path):
 
 
 class RecordingTracker:
-    """A tracker with the two methods evaluate calls (components/tracking.py provides MLflow's)."""
+    """A tracker with the two methods evaluate calls (tracking/run.py provides MLflow's)."""
 
     def __init__(self):
         self.metrics: dict[str, float] = {}

@@ -75,7 +75,7 @@ def test_function_level_imports_and_modules_loaded_by_name_count(tmp_path, monke
     for name in ("lazy", "worker", "other", "unused"):
         (root / f"components/{name}.py").write_text("")
     (root / "components/core/atomic.py").write_text("import components.unused\n")
-    (root / "components/lazy.py").write_text("from . import atomic\n")
+    (root / "components/lazy.py").write_text("from .core import atomic\n")
     monkeypatch.setattr(step_code, "ROOT", root)
     step_code._imports.cache_clear()
     try:

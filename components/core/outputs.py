@@ -15,7 +15,7 @@ checks that no other module spells one of them, and that dvc.yaml's outputs are 
     paths.predictions  PREDICTIONS, QUARANTINE, DRIFT                          (predict)
     paths.export       ONNX, EXPORT                                            (export)
     (any step folder)  PENDING: what the MLflow server did not take yet (train's, predict's, or
-                       a step's own when its inputs are read-only; components/tracking.py)
+                       a step's own when its inputs are read-only; components/tracking/)
     (--out)            KFP_PIPELINE                                (flows/kubeflow/compiler.py)
     paths.search       STUDY_DB; <study>/trial-<n>/ a trial's step folders, TRIAL_LOG (search)
 """

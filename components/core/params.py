@@ -1,6 +1,6 @@
 """The settings: params.yaml loaded into validated models.
 
-The file and the `section.key=value` overrides (components/cli.py reads them off the command line;
+The file and the `section.key=value` overrides (cnn_pipeline/cli.py reads them off the command line;
 the flows build them from their parameters) are validated together before any work starts: an
 unknown key, a value of the wrong type or out of range fails with the key, the value and what is
 allowed.

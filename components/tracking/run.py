@@ -269,7 +269,7 @@ def tracked(step: Callable[..., Any], run: Literal["start", "join", "batch"] = "
             pending_dir: str | Path | None = None, run_name: str | None = None,
             run_tags: dict[str, str] | None = None) -> Callable[[Params], Any]:
     """`step(params, tracker=...)` with the pipeline's MLflow run attached, closed with the
-    step's outcome: the one way every entry point (a step's main(), a flow's task) tracks a step.
+    step's outcome: the one way every entry point (the command line, a flow's task) tracks a step.
     `start`: train, which picks the run when it knows where it starts; `join`: the later steps,
     which log into the run train started (`run_id`, else the one run.json names); `batch`:
     batch prediction, a new run per batch. `run_id_out`: a file to write the run's id to;

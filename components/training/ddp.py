@@ -68,7 +68,7 @@ from components.core.lifetime import die_with_parent
 from components.core.params import DEFAULT_PARAMS, Params, UserError
 from components.training.models import BUILTINS
 
-__all__ = ["record"]  # main() wraps train in it: a worker's exception lands in its error.json
+__all__ = ["record"]  # the command line wraps train in it on a rank: its error lands in error.json
 
 WORKER_MODULE = "components.train"  # what each rank runs (through `python -m cnn_pipeline train`)
 WORKER_COMMAND = ("cnn_pipeline", "train")  # torchrun's `-m` module and its first argument

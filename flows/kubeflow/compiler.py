@@ -23,7 +23,7 @@ metrics, the registry's decision) on stdout; the tasks' logs go to stderr.
 What the graph says:
 - Artifacts are folders: the step's `paths` folder is the artifact KFP gives it (`--set
   paths.<folder>=<artifact path>`); inputs are read-only, so the tracked steps park what MLflow
-  did not receive in their own output (`--pending-dir`, components/tracking.py).
+  did not receive in their own output (`--pending-dir`, components/tracking/run.py).
 - Settings: one pipeline parameter per params.yaml section but `paths` (KFP places the folders),
   a struct whose default is that section of the validated settings. Each task gets a section as
   one value (`--set train={...}`), validated by the same models when it starts; `compile` and

@@ -41,7 +41,7 @@ READS = {"prepare": (), "augment": ("prepared",), "train": ("prepared", "policy"
          "register": ("prepared", "trained_model", "evaluation"),
          "export": ("prepared", "decision")}
 TRACKS = {"train": "start", "evaluate": "join", "register": "join",
-          "export": "join"}  # as the steps' main()s
+          "export": "join"}  # as the command line attaches them
 RUN_ID = "run_id"  # train's output parameter; evaluate's, register's and export's input
 CACHED = "prepare"  # the one task KFP may cache (flows/kubeflow/compiler.py)
 
