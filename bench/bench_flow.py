@@ -15,8 +15,9 @@ nothing to do.
    of a committed project (params.yaml with the settings), alternating `--repeats` times after
    one untimed pair: wall seconds, medians and their ratio, and whether the flow printed
    anything but its own lines (a traceback).
-3. `make run` on digits in a clone of the project (a temporary git repo) using this installed
-   environment (`make -o install run VENV=...`: the install step is not redone), wall time.
+3. `make run` on digits in a clone of the project (a temporary git repo) with this installed
+   environment as the clone's own `.venv`, where `make install` puts it (a link to this one;
+   `make -o install run`: the install step is not redone), wall time.
 4. A second `dvc repro` there: nothing changed, nothing runs (target: at most 1.5 s).
 
     .venv/bin/python bench/bench_flow.py [--repeats 3] [--set train.epochs=10 ...]
@@ -180,9 +181,10 @@ def cli_against_dvc(work: Path, repeats: int, overrides: list[str]) -> dict:
 
 def make_run(work: Path) -> list[dict]:
     repo = project_copy(work / "repo")
+    (repo / ".venv").symlink_to(BIN.parent, target_is_directory=True)  # inside, as a user's
     env = quiet_env()
     out = []
-    for what, cmd in (("make_run", ["make", "-o", "install", "run", f"VENV={BIN.parent}"]),
+    for what, cmd in (("make_run", ["make", "-o", "install", "run"]),
                       ("dvc_repro_noop", [str(BIN / "dvc"), "repro"])):
         t0 = time.perf_counter()
         done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
