@@ -1,14 +1,14 @@
-"""What orchestration costs: the training-pipeline flow against the five steps called directly,
+"""What orchestration costs: the training-pipeline flow against the six steps called directly,
 `cnn-pipeline pipeline` against `dvc repro`, `make run` on digits, and a `dvc repro` with
 nothing to do.
 
 1. Orchestration tax (target: the flow at most 3 s slower). With a warm Prefect server (the one in
    PREFECT_API_URL, else one started here on loopback), in fresh working folders with the same
-   params: (a) prepare, augment, train, evaluate, register called as their main() functions call
-   them (MLflow-tracked, embedded store); (b) `training_pipeline(...)` in this process, with an
-   empty prepare cache so prepare runs in both. Imports, a first tiny flow run and one untimed
-   pair happen before timing; the two alternate `--repeats` times; medians, minimums and the
-   differences are printed.
+   params: (a) prepare, augment, train, evaluate, register, export called as the command line
+   calls them (MLflow-tracked, embedded store); (b) `training_pipeline(...)` in this process,
+   with an empty prepare cache so prepare runs in both. Imports, a first tiny flow run and one
+   untimed pair happen before timing; the two alternate `--repeats` times; medians, minimums and
+   the differences are printed.
 2. The command line without a server (target: ratio at most 1.1): `cnn-pipeline pipeline`
    (Prefect's temporary server, in a PREFECT_HOME that one untimed run made, as on a user's
    machine after the first run) against `dvc repro` of the same six stages, each in a fresh copy
@@ -58,7 +58,7 @@ def in_folder(folder: Path):
 
 
 def direct(overrides: list[str]) -> None:
-    from components import augment, evaluate, prepare, register, train
+    from components import augment, evaluate, export, prepare, register, train
     from components.core.params import load_params
     from components.tracking.run import tracked
 
@@ -68,6 +68,7 @@ def direct(overrides: list[str]) -> None:
     tracked(train.train, "start")(params)
     tracked(evaluate.evaluate)(params)
     tracked(register.register)(params)
+    tracked(export.export)(params)
 
 
 def flow(overrides: list[str]) -> None:

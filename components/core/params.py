@@ -248,7 +248,7 @@ class Predict(Section):
 
 
 class Register(Section):
-    """The registry gate and the MLflow run; components/register.py and tracking.py say more."""
+    """The registry gate and the MLflow run; components/register.py and tracking/ say more."""
 
     model_name: str = Field("digits-classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     primary_metric: Literal["accuracy", "balanced_accuracy", "f1_macro"] = "accuracy"

@@ -24,7 +24,7 @@ from components.core import outputs
 from components.core.params import UserError
 
 if TYPE_CHECKING:
-    import numpy as np  # imported where arrays are read: the preflight reads only the manifest
+    import numpy as np  # imported where arrays are read: the command line reads only the manifest
 
 SPLITS = ("train", "val", "test")
 

@@ -177,7 +177,7 @@ def _worker_env(params: Params, n: int) -> dict[str, str]:
     # torchrun would set 1 thread per process with a warning; cores // n is what each may use.
     env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // n))
     # One host (--standalone): gloo's links between ranks stay on loopback rather than listening
-    # on every interface. (torchrun's rendezvous store still does; see README, Scaling out.)
+    # on every interface. (torchrun's rendezvous store still does; see docs/security.md.)
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     # Workers run `-m cnn_pipeline train` from this working directory (relative paths in params
     # mean the same there); the project must be importable from it.

@@ -1,4 +1,4 @@
-"""recipe: how a training run is set up, apart from the loop that runs it (components/train.py).
+"""setup: how a training run is set up, apart from the loop that runs it (components/train.py).
 
 The device and precision a run uses, deterministic kernels and memory reuse on CPU, seeding,
 the model for the prepared data (new, pretrained, or from a model file), the optimizer with its
