@@ -104,9 +104,9 @@ def command_parser(commands: dict[str, Command] = COMMANDS,
     subparsers = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in commands.items():
         sub = subparsers.add_parser(name, help=command.about,
-                                  description=_doc(command.run) if described else None,
-                                  parents=[settings_parser()],
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+                                    description=_doc(command.run) if described else None,
+                                    parents=[settings_parser()],
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
         for flag, keywords in command.options.items():
             sub.add_argument(flag, **keywords)
         if command.track in ("start", "join"):

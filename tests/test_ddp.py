@@ -208,6 +208,12 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _command(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    return "?"
+
+
 def _alive(pid: int) -> bool:
     """Running, not a zombie that nobody reaped yet."""
     try:
@@ -230,13 +236,14 @@ def test_sigkill_of_the_command_ends_torchrun_and_every_rank(tmp_path, data):
         while not history.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)  # the ranks have trained an epoch
         family = _children(proc.pid)
-        assert history.exists() and len(family) >= 3, family  # torchrun and two ranks
+        named = {pid: _command(pid) for pid in family}
+        assert history.exists() and len(family) >= 3, named  # torchrun and two ranks
         proc.kill()
         proc.wait(timeout=60)
         deadline = time.monotonic() + 60
         while any(map(_alive, family)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not [pid for pid in family if _alive(pid)]
+        assert not [pid for pid in family if _alive(pid)], named
     finally:
         for pid in [proc.pid, *family]:  # whatever outlived the test
             with contextlib.suppress(OSError):

@@ -226,7 +226,7 @@ def test_server_away_during_training_loses_no_metric(project: Path, monkeypatch)
             server.close()  # and away again as training ends
 
     with Tracker.start(params) as tracker:
-        train.train(params, callbacks=[tracker, Outage()])
+        train.train(params, tracker=tracker, callbacks=[Outage()])
     pending = json.loads((project / "outputs/train" / outputs.PENDING).read_text())
     [entry] = pending.values()
     assert {m["key"] for m in entry["metrics"]} >= {"train.seconds"}
