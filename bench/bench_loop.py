@@ -113,7 +113,8 @@ def step_modules(project: Path) -> dict[str, list[str]]:
     for step in STEPS:
         _, done = run([sys.executable, "-c", MODULES_AT_EXIT, "cnn_pipeline", step], project)
         line = next(x for x in done.stderr.splitlines() if x.startswith("MODULES "))
-        found[step] = [n for n in json.loads(line.removeprefix("MODULES ")) if n not in PACKAGES]
+        found[step] = [n for n in json.loads(line.removeprefix("MODULES "))
+                       if n not in (*PACKAGES, "cnn_pipeline") and not n.startswith("code_model_")]
     return found
 
 
