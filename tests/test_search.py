@@ -162,6 +162,30 @@ def test_a_study_is_found_again_only_with_its_own_settings(tmp_path):
         study_mod.open_study(named)
 
 
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retried(
+        tmp_path, monkeypatch):
+    """Optuna's stale check skips a trial without a heartbeat: a worker SIGKILLed between ask and
+    its heartbeat thread's first beat left the grid test's search waiting on it for good."""
+    params = load_params(project(tmp_path), [
+        "search.sampler=grid", "search.space={train.lr: {choice: [0.003, 0.001]}}"])
+    study = study_mod.open_study(params)
+    dead = study.ask()  # what the killed worker left: RUNNING, a grid point, no beat, no mark
+    alive = study.ask()
+    study_mod.begin(alive)  # a worker that reached its objective
+    study_mod.fail_stale(study)  # younger than GRACE_S: left alone
+    assert [t.state for t in study.trials] == [S.RUNNING] * 2
+
+    monkeypatch.setattr(study_mod, "GRACE_S", 0)
+    study_mod.fail_stale(study)
+    study_mod.fail_stale(study)  # a second worker looking: one copy only
+    states = [t.state for t in study.trials]
+    assert states == [S.FAIL, S.RUNNING, S.WAITING], states
+    copy = study.trials[2]
+    assert copy.system_attrs["grid_id"] == study.trials[dead.number].system_attrs["grid_id"]
+    assert copy.system_attrs["failed_trial"] == dead.number
+    assert study.trials[alive.number].user_attrs[study_mod.BEGUN] == alive.number
+
+
 def test_a_storage_that_cannot_be_opened_is_named_without_its_password(tmp_path, monkeypatch):
     monkeypatch.setenv(study_mod.STORAGE_ENV, "postgresql+psycopg2://me:s3cret@127.0.0.1:1/optuna")
     with pytest.raises(UserError) as info:
@@ -372,8 +396,14 @@ def _sweep(folder: Path, overrides: list[str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _finished(run: subprocess.Popen, timeout: float = 900) -> dict:
-    out, err = run.communicate(timeout=timeout)
+def _finished(run: subprocess.Popen, timeout: float = 600) -> dict:
+    """The search's summary; one still going after `timeout` s (below pytest's limit) is killed,
+    its workers and trainings with it, and the test fails with what it said."""
+    try:
+        out, err = run.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        pytest.fail(f"the search did not finish in {timeout} s: {run.communicate()[1][-4000:]}")
     assert run.returncode == 0, err[-4000:]
     return json.loads(out)
 

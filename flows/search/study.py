@@ -4,7 +4,9 @@ Storage: `CNN_PIPELINE_SEARCH_STORAGE` (a URL that may hold a password: PostgreS
 several hosts, each needing it too), else `search.storage` (no password), else the SQLite file
 `<paths.search>/optuna.db` by absolute path, which every worker on the host opens, in any clone.
 It is opened with Optuna's heartbeat: a trial whose worker died falls silent, and after GRACE_S
-the next worker that looks fails it and RetryHeartbeatStaleTrialCallback queues its copy.
+the next worker that looks fails it and RetryHeartbeatStaleTrialCallback queues its copy. Optuna
+finds only trials that have beaten once; `fail_stale` also fails those that never did (a worker
+killed between Optuna's ask and its first beat), by the mark `begin` sets.
 
 The study is `search.study`, or `<register.model_name>-<hash>` of the settings that decide what a
 trial computes: started again, the same command finds it. It records them (user attr `settings`),
@@ -13,6 +15,8 @@ refuses others, and names its objective, so optuna-dashboard shows `val_acc`.
 
 from __future__ import annotations
 
+import copy
+import datetime
 import hashlib
 import json
 import os
@@ -38,6 +42,7 @@ STUDY_SETTINGS = ("data", "augment", "model", "train")  # with search's: what a 
 SEARCH_KEYS = ("metric", "direction", "sampler", "pruner", "startup_trials", "min_epochs",
                "seed", "space")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+BEGUN = "begun"  # user attr: the number of the trial whose objective began (a copy inherits it)
 # Optuna calls its heartbeats, their retries and its matplotlib plots experimental (since 2.8):
 # they are what the search is built on, and they work; no warning at every use.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -160,3 +165,28 @@ def open_study(params: Params, worker: int = 0) -> optuna.Study:
             f"{', '.join(changed)}); continue it with those, or set search.study to a new name")
     study.sampler = make_sampler(current["search"], worker, len(study.get_trials(deepcopy=False)))
     return study
+
+
+def begin(trial: optuna.Trial) -> None:
+    """The objective's first act: a beat of its own (Optuna's heartbeat thread, started a moment
+    ago, may not have written one yet), then the mark that this trial has beaten."""
+    trial.study._storage.record_heartbeat(trial._trial_id)  # as Optuna's own thread does
+    trial.set_user_attr(BEGUN, trial.number)
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Optuna's fail_stale_trials, and the same for a running trial that never began, created
+    over GRACE_S ago: its worker died before its first beat, which Optuna would wait on forever."""
+    optuna.storages.fail_stale_trials(study)
+    storage, now = study._storage, datetime.datetime.now()  # Optuna stores local naive times
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.user_attrs.get(BEGUN) == trial.number or trial.datetime_start is None or (
+                now - trial.datetime_start).total_seconds() < GRACE_S:
+            continue
+        try:
+            failed = storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            failed = False  # another worker failed it first
+        if failed:
+            retry = storage.get_heartbeat_stale_trial_callback()
+            retry(study, copy.deepcopy(storage.get_trial(trial._trial_id)))

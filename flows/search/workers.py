@@ -120,7 +120,7 @@ def settle(study: optuna.Study, look: Callable[[list], Any], again: Any) -> Any:
     """What `look(trials)` says once it is not `again`; between looks, trials whose worker
     stopped beating are failed (Optuna queues their copies)."""
     while True:
-        optuna.storages.fail_stale_trials(study)
+        studies.fail_stale(study)
         if (said := look(study.get_trials(deepcopy=False))) != again:
             return said
         time.sleep(studies.HEARTBEAT_S)
@@ -144,6 +144,7 @@ def _objective(trial: optuna.Trial, params: Params, params_file: str, overrides:
     sampled = {key: suggest(trial, key, spec) for key, spec in search.space.items()}
     name = f"trial-{number} " + " ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sampled.items())
+    studies.begin(trial)
     trial.set_user_attr("mlflow_run", None)  # a retried trial's copy holds the dead trial's
     grid = search.sampler == "grid"
     if reason := skip_reason(study.get_trials(deepcopy=False), number, sampled, budget, grid):
