@@ -140,11 +140,11 @@ def skip_reason(trials: list, number: int, sampled: dict[str, Any], budget: int,
 
 def _objective(trial: optuna.Trial, params: Params, params_file: str, overrides: list[str],
                run: Run, budget: int) -> float:
+    studies.begin(trial)
     search, study, number = params.search, trial.study, trial.number
     sampled = {key: suggest(trial, key, spec) for key, spec in search.space.items()}
     name = f"trial-{number} " + " ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sampled.items())
-    studies.begin(trial)
     trial.set_user_attr("mlflow_run", None)  # a retried trial's copy holds the dead trial's
     grid = search.sampler == "grid"
     if reason := skip_reason(study.get_trials(deepcopy=False), number, sampled, budget, grid):
