@@ -180,8 +180,8 @@ def fail_stale(study: optuna.Study) -> None:
     optuna.storages.fail_stale_trials(study)
     storage, now = study._storage, datetime.datetime.now()  # Optuna stores local naive times
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if trial.user_attrs.get(BEGUN) == trial.number or trial.datetime_start is None or (
-                now - trial.datetime_start).total_seconds() < GRACE_S:
+        if trial.user_attrs.get(BEGUN) == trial.number or (
+                now - trial.datetime_start).total_seconds() < GRACE_S:  # ask sets the start
             continue
         try:
             failed = storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)

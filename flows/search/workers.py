@@ -118,7 +118,7 @@ def decide(trials: list, budget: int, failures: int) -> str:
 
 def settle(study: optuna.Study, look: Callable[[list], Any], again: Any) -> Any:
     """What `look(trials)` says once it is not `again`; between looks, trials whose worker
-    stopped beating are failed (Optuna queues their copies)."""
+    stopped beating, or died before its first beat, are failed and their copies queued."""
     while True:
         studies.fail_stale(study)
         if (said := look(study.get_trials(deepcopy=False))) != again:
